@@ -1,0 +1,1 @@
+"""qlower's compiler driver: load, passes, calibration, scale selection, QDQ emission, lowering."""

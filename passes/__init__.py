@@ -1,0 +1,1 @@
+"""Graph passes over ONNX models, the target table and the quantization-parameter table."""

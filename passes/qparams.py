@@ -1,0 +1,86 @@
+"""The quantization-parameter table: tensor name -> scale, zero point, dtype, axis, and source.
+
+This table is the single outcome of scale selection. Calibration fills it for float models; a
+pre-quantized model fills it from its own Q/DQ nodes. QDQ insertion and lowering read it.
+Real value = scale * (q - zero_point), the ONNX convention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DTYPE_RANGES: dict[str, tuple[int, int]] = {
+    "int8": (-128, 127),
+    "uint8": (0, 255),
+    "int16": (-32768, 32767),
+    "uint16": (0, 65535),
+    "int32": (-(2**31), 2**31 - 1),
+    "int64": (-(2**63), 2**63 - 1),
+}
+
+
+@dataclass(eq=False)
+class QParams:
+    """Quantization of one tensor. ``scale`` is float32 and ``zero_point`` int64, both 1-D: length
+    1 per tensor, or one entry per slice along ``axis`` (per channel)."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    dtype: str
+    axis: int | None = None
+    source: str = ""
+
+    def __post_init__(self):
+        self.scale = np.atleast_1d(np.asarray(self.scale, dtype=np.float32))
+        self.zero_point = np.atleast_1d(np.asarray(self.zero_point, dtype=np.int64))
+        if self.dtype not in DTYPE_RANGES:
+            raise ValueError(f"unsupported quantized dtype '{self.dtype}'")
+        if self.scale.shape != self.zero_point.shape:
+            if self.zero_point.size == 1:
+                self.zero_point = np.full(self.scale.shape, self.zero_point[0], dtype=np.int64)
+            else:
+                raise ValueError("scale and zero_point must have the same length")
+        if self.scale.size > 1 and self.axis is None:
+            raise ValueError("a per-channel scale needs an axis")
+        if not np.all(np.isfinite(self.scale)) or np.any(self.scale <= 0):
+            raise ValueError(f"scales must be finite and positive, got {self.scale.tolist()[:8]}")
+        lo, hi = DTYPE_RANGES[self.dtype]
+        if np.any(self.zero_point < lo) or np.any(self.zero_point > hi):
+            raise ValueError(f"zero point outside {self.dtype} range: {self.zero_point.tolist()[:8]}")
+
+    @property
+    def per_channel(self) -> bool:
+        return self.axis is not None and self.scale.size > 1
+
+    @property
+    def qmin(self) -> int:
+        return DTYPE_RANGES[self.dtype][0]
+
+    @property
+    def qmax(self) -> int:
+        return DTYPE_RANGES[self.dtype][1]
+
+    def same_as(self, other: "QParams") -> bool:
+        """True when both describe the same integer encoding (scale, zero point, dtype, axis)."""
+        return (
+            self.dtype == other.dtype
+            and self.axis == other.axis
+            and np.array_equal(self.scale, other.scale)
+            and np.array_equal(self.zero_point, other.zero_point)
+        )
+
+    def describe(self) -> str:
+        if self.scale.size == 1:
+            s = f"scale={float(self.scale[0]):.9g} zp={int(self.zero_point[0])}"
+        else:
+            s = (f"scale[{self.scale.size}]=[{float(self.scale.min()):.6g}..{float(self.scale.max()):.6g}] "
+                 f"zp={'0' if not self.zero_point.any() else 'per-channel'} axis={self.axis}")
+        return f"{self.dtype} {s} ({self.source})"
+
+
+class QParamTable(dict):
+    """tensor name -> QParams, kept in insertion order; ``describe()`` is the report's listing."""
+
+    def describe(self) -> str:
+        return "\n".join(f"{name}: {qp.describe()}" for name, qp in self.items())
