@@ -14,7 +14,7 @@ META_PREFIX = "qlower."
 
 class GraphIndex:
     """Producer, consumers and constants of every tensor name in a graph (a snapshot: rebuild it
-    after editing)."""
+    after editing). Consumers include nodes that read a tensor from inside a subgraph."""
 
     def __init__(self, graph: onnx.GraphProto):
         self.graph = graph
@@ -27,6 +27,10 @@ class GraphIndex:
             for inp in node.input:
                 if inp:
                     self.consumers.setdefault(inp, []).append(node)
+            # An If/Loop/Scan whose body reads an outer tensor is one of its consumers too (it
+            # does not list the name in node.input); dead-code removal must see that read.
+            for inp in sorted(subgraph_reads(node)):
+                self.consumers.setdefault(inp, []).append(node)
         self.initializers = {init.name: init for init in graph.initializer}
         self.graph_outputs = {o.name for o in graph.output}
 
@@ -124,10 +128,11 @@ def replace_all_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
 
 
 def remove_nodes(graph: onnx.GraphProto, doomed: list[onnx.NodeProto]) -> None:
+    """Delete nodes in place (references to the surviving nodes stay valid)."""
     ids = {id(n) for n in doomed}
-    keep = [n for n in graph.node if id(n) not in ids]
-    del graph.node[:]
-    graph.node.extend(keep)
+    for i in reversed(range(len(graph.node))):
+        if id(graph.node[i]) in ids:
+            del graph.node[i]
 
 
 def unique_name(taken: set[str], base: str) -> str:
@@ -147,3 +152,196 @@ def all_names(graph: onnx.GraphProto) -> set[str]:
         names.update(node.input)
         names.update(node.output)
     return names
+
+
+# --- additions for the cleanup, folding and fusion passes -------------------------------------
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
+    found: list[onnx.GraphProto] = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            found.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            found.extend(attr.graphs)
+    return found
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope tensor names a node reads from inside its subgraphs (implicit inputs)."""
+    reads: set[str] = set()
+    for g in subgraphs(node):
+        defined = {i.name for i in g.input} | {i.name for i in g.initializer}
+        defined |= {i.values.name for i in g.sparse_initializer}
+        used = {o.name for o in g.output}
+        for inner in g.node:
+            defined.update(o for o in inner.output if o)
+            used.update(i for i in inner.input if i)
+            used |= subgraph_reads(inner)
+        reads |= used - defined
+    return reads
+
+
+def node_reads(node: onnx.NodeProto) -> set[str]:
+    """Every tensor a node reads: its inputs and its subgraphs' outer-scope names."""
+    return {i for i in node.input if i} | subgraph_reads(node)
+
+
+def replace_input_uses(graph: onnx.GraphProto, old: str, new: str) -> int:
+    """Make every node that reads ``old`` (also from inside subgraphs) read ``new``. Graph outputs
+    are left alone: a graph output keeps its name, so rewire its producer instead
+    (``rename_output``). Returns how many inputs were rewritten."""
+    count = 0
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+                count += 1
+        for g in subgraphs(node):
+            if not _defines(g, old):
+                count += replace_input_uses(g, old, new)
+                for out in g.output:
+                    if out.name == old:
+                        out.name = new
+                        count += 1
+    return count
+
+
+def _defines(g: onnx.GraphProto, name: str) -> bool:
+    if any(i.name == name for i in g.input) or any(i.name == name for i in g.initializer):
+        return True
+    return any(name in n.output for n in g.node)
+
+
+def rename_output(graph: onnx.GraphProto, node: onnx.NodeProto, old: str, new: str) -> None:
+    """Rename output ``old`` of ``node`` to ``new`` and make its readers follow (the producer is
+    rewired; a graph output named ``new`` keeps its name and is now produced by ``node``)."""
+    for i, name in enumerate(node.output):
+        if name == old:
+            node.output[i] = new
+    replace_input_uses(graph, old, new)
+
+
+def del_meta(node: onnx.NodeProto, key: str) -> bool:
+    """Remove a ``qlower.<key>`` annotation; True if there was one."""
+    for i, entry in enumerate(node.metadata_props):
+        if entry.key == META_PREFIX + key:
+            del node.metadata_props[i]
+            return True
+    return False
+
+
+def nodes_by_name(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {n.name: n for n in graph.node if n.name}
+
+
+def add_initializer(model: onnx.ModelProto, name: str, value: np.ndarray | onnx.TensorProto) -> onnx.TensorProto:
+    """Add an initializer (models of IR version < 4 also list it as a graph input, as the
+    checker requires there)."""
+    if isinstance(value, onnx.TensorProto):
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(value)
+        tensor.name = name
+    else:
+        tensor = numpy_helper.from_array(np.asarray(value), name)
+    model.graph.initializer.append(tensor)
+    if model.ir_version and model.ir_version < 4:
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+    return tensor
+
+
+def remove_initializers(model: onnx.ModelProto, names: set[str]) -> None:
+    """Remove initializers (dense and sparse) and their graph-input entries, if any."""
+    graph = model.graph
+    keep = [i for i in graph.initializer if i.name not in names]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    keep_sparse = [i for i in graph.sparse_initializer if i.values.name not in names]
+    del graph.sparse_initializer[:]
+    graph.sparse_initializer.extend(keep_sparse)
+    keep_inputs = [i for i in graph.input if i.name not in names]
+    del graph.input[:]
+    graph.input.extend(keep_inputs)
+
+
+class TensorInfo:
+    """Element type and shape of a tensor as shape inference sees it (``None`` dims are
+    unknown; ``shape`` None means even the rank is unknown)."""
+
+    __slots__ = ("elem_type", "shape")
+
+    def __init__(self, elem_type: int, shape: tuple[int | None, ...] | None):
+        self.elem_type = elem_type
+        self.shape = shape
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.shape is None else len(self.shape)
+
+    @property
+    def static(self) -> bool:
+        return self.shape is not None and all(d is not None for d in self.shape)
+
+    def __repr__(self) -> str:
+        return f"TensorInfo({onnx.TensorProto.DataType.Name(self.elem_type)}, {self.shape})"
+
+
+def _without_large_weights(model: onnx.ModelProto, max_elements: int = 1024) -> onnx.ModelProto:
+    """A copy for shape inference in which large initializers are graph inputs of the same type
+    and shape: inference needs their shapes, not their values (only small integer tensors such as
+    Reshape targets feed data propagation), and copying weights dominates its cost."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    src, dst = model.graph, light.graph
+    dst.name = src.name
+    dst.node.extend(src.node)
+    dst.input.extend(src.input)
+    dst.output.extend(src.output)
+    dst.value_info.extend(src.value_info)
+    declared = {i.name for i in src.input}
+    for init in src.initializer:
+        if int(np.prod(init.dims, dtype=np.int64)) <= max_elements:
+            dst.initializer.append(init)
+        elif init.name not in declared:
+            dst.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    if light.ir_version and light.ir_version < 4:
+        light.ir_version = 4  # large weights are now plain inputs; small ones need not be listed
+    return light
+
+
+def infer_tensor_info(model: onnx.ModelProto) -> tuple[dict[str, TensorInfo], str | None]:
+    """Element type and shape of every tensor ONNX shape inference (with data propagation) can
+    work out, plus initializers. Returns ``(info, error)``: when inference fails, ``info`` holds
+    only what the model declares and ``error`` says why."""
+    error = None
+    try:
+        light = _without_large_weights(model)
+        inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as exc:  # inference is best effort; the caller reports the reason
+        inferred, error = model, f"shape inference failed: {exc}".splitlines()[0]
+    g = inferred.graph
+    info: dict[str, TensorInfo] = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        t = vi.type
+        if not t.HasField("tensor_type"):
+            continue
+        tt = t.tensor_type
+        shape = None
+        if tt.HasField("shape"):
+            shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        info[vi.name] = TensorInfo(tt.elem_type, shape)
+    for init in g.initializer:
+        info[init.name] = TensorInfo(init.data_type, tuple(init.dims))
+    return info, error
+
+
+def drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> set[str]:
+    """Remove those of ``candidates`` that are initializers nothing reads any more (a pass tidying
+    up the weights it replaced); returns the names removed."""
+    index = GraphIndex(model.graph)
+    doomed = {name for name in candidates if name in index.initializers and not index.uses(name)}
+    remove_initializers(model, doomed)
+    return doomed

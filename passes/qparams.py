@@ -79,6 +79,19 @@ class QParams:
         return f"{self.dtype} {s} ({self.source})"
 
 
+def quantize_constant(values: np.ndarray, qp: QParams) -> np.ndarray:
+    """Integer values of a constant (weights, bias): saturate(round_half_even(v / s) + zp) in float64."""
+    scale = qp.scale.astype(np.float64)
+    zp = qp.zero_point
+    if qp.per_channel:
+        shape = [1] * values.ndim
+        shape[qp.axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    q = np.rint(values.astype(np.float64) / scale) + zp
+    lo, hi = qp.qmin, qp.qmax
+    return np.clip(q, lo, hi).astype(np.dtype(qp.dtype))
+
+
 class QParamTable(dict):
     """tensor name -> QParams, kept in insertion order; ``describe()`` is the report's listing."""
 

@@ -79,3 +79,22 @@ class Program:
             if layer.name == name:
                 return layer
         raise KeyError(name)
+
+    def run(self, feeds: dict, raw: bool = False, kernels: str = "fast") -> dict:
+        """Run on float feeds (quantized at the ports); ``raw`` returns the outputs' integers
+        instead of dequantizing them. For integer feeds and traces, use runtime.execute."""
+        from .executor import execute
+
+        return execute(self, feeds, raw_outputs=raw, kernels=kernels)
+
+    def save(self, path) -> None:
+        """Write the program to a .qir file (runtime.save_program)."""
+        from .serialize import save_program
+
+        save_program(self, path)
+
+    def to_text(self) -> str:
+        """The fixed text form (runtime.program_to_text)."""
+        from .text import program_to_text
+
+        return program_to_text(self)

@@ -1,0 +1,147 @@
+"""The ``qlower`` command line: compile, run, inspect.
+
+Every failure the user can fix ends in one readable line on stderr and exit status 2 — never a
+stack trace and never a half-written output file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from passes.errors import PassError
+from runtime.errors import ProgramError
+
+from .errors import CompileError
+
+USER_ERRORS = (CompileError, PassError, ProgramError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qlower", description="Compile float ONNX CNNs to a TIDL-like integer IR and run it bit-exactly.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile MODEL.onnx to DIR/model.qir and DIR/model.qdq.onnx")
+    c.add_argument("model", help="float ONNX model")
+    c.add_argument("--target", default="mmav2", choices=["mmav2", "mmav1"])
+    c.add_argument("--calib", required=True, help=".npz with one array per model input (samples on axis 0)")
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--dump-dir", help="write the ONNX model after every pass (NN_<pass>.onnx) and summary.txt here")
+    c.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
+                   help="fix an input's symbolic dims (repeatable)")
+    c.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile"])
+    c.add_argument("--percentile", type=float, default=99.99)
+    c.add_argument("--eval", metavar="DATA.npz", help="after compiling, measure accuracy on this data")
+
+    r = sub.add_parser("run", help="run a compiled program on inputs")
+    r.add_argument("program", help="model.qir")
+    r.add_argument("--input", required=True, help=".npz keyed by input name, samples on axis 0")
+    r.add_argument("--output", required=True, help=".npz to write, keyed by output name")
+    r.add_argument("--raw", action="store_true", help="write raw integers instead of dequantized floats")
+    r.add_argument("--batch-size", type=int, default=8)
+
+    i = sub.add_parser("inspect", help="print the layers of a .qir or the nodes of an .onnx")
+    i.add_argument("file")
+    return parser
+
+
+def _cmd_compile(args) -> int:
+    from .api import compile_model
+    from .calibration_data import load_calibration
+    from .loader import parse_input_shape
+
+    shapes = dict(parse_input_shape(text) for text in args.input_shape)
+    result = compile_model(args.model, target=args.target, calibration=args.calib, input_shapes=shapes or None,
+                           calib_method=args.calib_method, percentile=args.percentile, dump_dir=args.dump_dir)
+    paths = result.save(args.out)
+    print(result.report.summary())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if args.eval:
+        from .evaluate import evaluate
+
+        print(evaluate(result, load_calibration(args.eval, result.input_specs)).text())
+    return 0
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise CompileError(f"'{path}' is not a readable .npz of plain arrays ({exc})") from None
+
+
+def _cmd_run(args) -> int:
+    from runtime import load_program
+
+    program = load_program(args.program)
+    data = _load_npz(args.input)
+    if len(program.inputs) == 1 and len(data) == 1:
+        data = {program.inputs[0]: next(iter(data.values()))}
+    missing = [n for n in program.inputs if n not in data]
+    if missing:
+        raise CompileError(f"'{args.input}' lacks input(s) {missing}; it holds {sorted(data)}")
+    counts = {len(v) for v in data.values()}
+    if len(counts) != 1:
+        raise CompileError(f"'{args.input}': inputs have different sample counts {sorted(counts)}")
+    n = counts.pop()
+    outputs: dict[str, list[np.ndarray]] = {name: [] for name in program.outputs}
+    for start in range(0, n, max(1, args.batch_size)):
+        feeds = {k: np.ascontiguousarray(data[k][start:start + args.batch_size]) for k in program.inputs}
+        for name, value in program.run(feeds, raw=args.raw).items():
+            outputs[name].append(value)
+    stacked = {k: np.concatenate(v) for k, v in outputs.items()}
+    out = Path(args.output)
+    fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", suffix=".npz.tmp")
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **stacked)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    print(f"ran {n} samples; wrote {', '.join(f'{k} {v.dtype}{list(v.shape)}' for k, v in stacked.items())} to {out}")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        raise CompileError(f"'{path}' does not exist")
+    if path.suffix == ".qir":
+        from runtime import load_program
+        from runtime.text import program_to_text
+
+        print(program_to_text(load_program(path)), end="")
+        return 0
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several types for a non-ONNX file
+        raise CompileError(f"'{path}' is neither a .qir program nor an ONNX model ({exc.__class__.__name__})") from None
+    print(f"{path.name}: opset {[(o.domain or 'ai.onnx', o.version) for o in model.opset_import]}, "
+          f"{len(model.graph.node)} nodes, {len(model.graph.initializer)} initializers")
+    for node in model.graph.node:
+        meta = "".join(f"  [{e.key}={e.value}]" for e in node.metadata_props)
+        print(f"  {node.name or '<unnamed>'} ({node.op_type}): {', '.join(node.input)} -> {', '.join(node.output)}{meta}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"compile": _cmd_compile, "run": _cmd_run, "inspect": _cmd_inspect}[args.command]
+    try:
+        return handler(args)
+    except USER_ERRORS as exc:
+        print(f"qlower: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

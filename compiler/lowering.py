@@ -1,0 +1,349 @@
+"""Lowering: the fused float graph + its quantization-parameter table -> the integer IR.
+
+One IR layer per layer group of the plan. Weights and biases are quantized with the same
+function the QDQ model uses (``passes.qparams.quantize_constant``), so both describe one integer
+program. Requantization constants follow DESIGN.md: m / 2^k ~= s_x * s_w[c] / s_y with the
+target's multiplier width (shift-only targets: m = 1, exact because every scale is a power of
+two). Every layer's accumulator bound is checked at compile time: |acc| * m + 2^(k-1) < 2^63.
+The integer rule of every op is written in docs/ir.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from passes.activation_fusion import activation_bounds
+from passes.graph import GraphIndex, get_attr
+from passes.layer_plan import LayerGroup, LayerPlan
+from passes.qparams import DTYPE_RANGES, QParams, QParamTable, quantize_constant
+from passes.targets import TargetPreset
+from runtime.fixed_point import quantize_multiplier
+from runtime.ir import Layer, Program, TensorInfo
+
+from .errors import CompileError
+
+# Multiplier width for layers without weights (pooling divisors) on shift-only targets, where
+# the ratio s_x / (s_y * count) is not a power of two.
+POOL_MULTIPLIER_BITS = 16
+INT64_LIMIT = 2**63
+
+
+@dataclass
+class LoweringContext:
+    model: onnx.ModelProto
+    index: GraphIndex
+    qparams: QParamTable
+    target: TargetPreset
+    shapes: dict[str, tuple[int, ...]]
+
+    def fail(self, group: LayerGroup, message: str) -> CompileError:
+        return CompileError(f"node '{group.name}' ({group.op_type}): {message}")
+
+
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Static shapes of every tensor, from ONNX shape inference (inputs, value_info, outputs)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = tuple(d.dim_value for d in dims)
+    return shapes
+
+
+def choose_multipliers(ratio: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(m int32, k int8) per entry with m / 2^k ~= ratio; bits == 0 is shift-only (exact powers of 2)."""
+    ratio = np.atleast_1d(np.asarray(ratio, dtype=np.float64))
+    if bits == 0:
+        exponent = np.log2(ratio)
+        if not np.all(exponent == np.round(exponent)):
+            raise ValueError(f"shift-only requant needs power-of-2 ratios, got {ratio[:4]}")
+    return quantize_multiplier(ratio, bits)
+
+
+def shared_shift_multipliers(ratios: np.ndarray, bits: int) -> tuple[np.ndarray, int]:
+    """Integer multipliers m_i with one shared shift k, m_i / 2^k ~= ratios[i] (Add's rule).
+
+    bits > 0: k normalizes the largest ratio to ``bits`` bits; the others are round(r_i * 2^k).
+    bits == 0 (power-of-2 scales): k = -log2(min r), so every m_i = r_i / r_min is an exact power
+    of two and the sum is exact before the final shift.
+    """
+    ratios = np.asarray(ratios, dtype=np.float64)
+    if bits == 0:
+        exps = np.log2(ratios)
+        if not np.all(exps == np.round(exps)):
+            raise ValueError(f"shift-only requant needs power-of-2 ratios, got {ratios}")
+        k = int(-exps.min())
+        m = np.exp2(exps + k)
+    else:
+        _, k_arr = quantize_multiplier(np.array([ratios.max()]), bits)
+        k = int(k_arr[0])
+        m = np.floor(ratios * 2.0**k + 0.5)
+    return m.astype(np.int32), k
+
+
+def clamp_bounds(activation: onnx.NodeProto | None, index: GraphIndex, out: QParams) -> tuple[int, int]:
+    """Integer clamp [lo, hi] on the output: the type's limits narrowed by a fused activation.
+
+    Q(clip(v, a, b)) = clip(Q(v), Q(a), Q(b)) because Q is monotonic, with
+    Q(a) = saturate(round_half_even(float32(a) / s_y) + zp_y) as QuantizeLinear computes it.
+    """
+    lo, hi = out.qmin, out.qmax
+    if activation is None:
+        return lo, hi
+    a, b = activation_bounds(activation, index)
+    zp, s = int(out.zero_point[0]), np.float32(out.scale[0])
+
+    def q(v: float) -> int:
+        return int(np.clip(np.rint(np.float32(v) / s) + zp, out.qmin, out.qmax))
+
+    if a is not None:
+        lo = max(lo, q(a))
+    if b is not None:
+        hi = min(hi, q(b))
+    return lo, hi
+
+
+def explicit_pads(node: onnx.NodeProto, in_hw: tuple[int, int], kernel: list[int], strides: list[int],
+                  dilations: list[int]) -> list[int]:
+    """ONNX pads [top, left, bottom, right], resolving auto_pad SAME_UPPER/SAME_LOWER/VALID."""
+    auto_pad = get_attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("NOTSET", ""):
+        return list(get_attr(node, "pads", [0, 0, 0, 0]))
+    if auto_pad == "VALID":
+        return [0, 0, 0, 0]
+    begins, ends = [], []
+    for size, k, s, d in zip(in_hw, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+        small, large = total // 2, total - total // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else large)
+        ends.append(large if auto_pad == "SAME_UPPER" else small)
+    return begins + ends
+
+
+def _window_counts(size: int, out: int, k: int, s: int, d: int, pad_begin: int, pad_end: int,
+                   include_pad: bool) -> np.ndarray:
+    """Per output index along one axis: how many window taps fall inside the input (or the pads)."""
+    start = np.arange(out)[:, None] * s - pad_begin + np.arange(k)[None, :] * d
+    upper = size + (pad_end if include_pad else 0)
+    lower = -pad_begin if include_pad else 0
+    return ((start >= lower) & (start < upper)).sum(axis=1)
+
+
+class Lowering:
+    """Lower every layer group; ``run()`` returns the Program."""
+
+    def __init__(self, model: onnx.ModelProto, plan: LayerPlan, qparams: QParamTable, target: TargetPreset,
+                 metadata: dict[str, str] | None = None):
+        self.plan = plan
+        self.ctx = LoweringContext(model, GraphIndex(model.graph), qparams, target, tensor_shapes(model))
+        self.metadata = dict(metadata or {})
+
+    def run(self) -> Program:
+        ctx = self.ctx
+        tensors = {}
+        for name in self.plan.activation_tensors():
+            qp = ctx.qparams[name]
+            if name not in ctx.shapes:
+                raise CompileError(f"tensor '{name}' has no static shape after shape inference")
+            tensors[name] = TensorInfo(name, qp.dtype, ctx.shapes[name], qp.scale, qp.zero_point, qp.axis)
+        layers = [self.lower_group(g) for g in self.plan.groups]
+        missing = [o for o in self.plan.outputs if o not in tensors]
+        if missing:
+            raise CompileError(f"graph output(s) {missing} are not produced by a lowered layer")
+        return Program(list(self.plan.inputs), list(self.plan.outputs), tensors, layers, self.metadata)
+
+    def lower_group(self, group: LayerGroup) -> Layer:
+        lower = getattr(self, f"_lower_{group.op_type.lower()}")
+        layer = lower(group)
+        layer.source_nodes = group.source_nodes
+        return layer
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _layer(self, group: LayerGroup, op: str, **kw) -> Layer:
+        return Layer(name=group.name, op=op, inputs=list(group.inputs), outputs=[group.output], **kw)
+
+    def _requant_params(self, group: LayerGroup, ratio: np.ndarray, bits: int | None = None) -> dict:
+        bits = self.ctx.target.multiplier_bits if bits is None else bits
+        try:
+            m, k = choose_multipliers(ratio, bits)
+        except ValueError as exc:
+            raise self.ctx.fail(group, str(exc)) from None
+        return {"multiplier": m.astype(np.int32), "shift": k.astype(np.int8)}
+
+    def _clamp_params(self, group: LayerGroup, out: QParams, activation=None) -> dict:
+        lo, hi = clamp_bounds(activation, self.ctx.index, out)
+        if lo > hi:
+            raise self.ctx.fail(group, f"fused activation leaves an empty output range [{lo}, {hi}]")
+        return {"clamp_lo": np.array([lo], np.int32), "clamp_hi": np.array([hi], np.int32)}
+
+    def _check_accumulator(self, group: LayerGroup, acc_bound: np.ndarray, params: dict) -> str:
+        """Check |acc| * m + 2^(k-1) < 2^63 per channel; return the accumulator dtype needed."""
+        m = params["multiplier"].astype(np.float64)
+        k = params["shift"].astype(np.float64)
+        worst = acc_bound.astype(np.float64) * m * np.exp2(np.maximum(-k, 0)) + np.exp2(np.maximum(k - 1, 0))
+        if np.any(worst >= INT64_LIMIT / 2):
+            raise self.ctx.fail(group, f"accumulator bound {acc_bound.max():.3g} times multiplier overflows int64")
+        return "int32" if acc_bound.max() < 2**31 else "int64"
+
+    def _weighted(self, group: LayerGroup, weight_ir: np.ndarray, qp_w: QParams, op: str, attrs: dict) -> Layer:
+        """Conv/Gemm/MatMul: integer weights [O, ...], bias, per-channel requant, fused clamp."""
+        ctx = self.ctx
+        qp_x, qp_y = ctx.qparams[group.inputs[0]], ctx.qparams[group.output]
+        out_channels = weight_ir.shape[0]
+        bias = np.zeros(out_channels, np.int64)
+        if group.bias:
+            qp_b = ctx.qparams[group.bias]
+            bias = quantize_constant(ctx.index.constant(group.bias).reshape(-1), qp_b).astype(np.int64)
+        ratio = (np.float64(qp_x.scale[0]) * qp_w.scale.astype(np.float64)) / np.float64(qp_y.scale[0])
+        params = {"weight": weight_ir, "weight_zero_point": qp_w.zero_point.astype(weight_ir.dtype),
+                  "bias": bias.astype(np.dtype(ctx.target.bias_dtype))}
+        params.update(self._requant_params(group, ratio))
+        params.update(self._clamp_params(group, qp_y, group.activation))
+        x_max = max(abs(qp_x.qmin - int(qp_x.zero_point[0])), abs(qp_x.qmax - int(qp_x.zero_point[0])))
+        w_abs = np.abs(weight_ir.astype(np.int64) - qp_w.zero_point.reshape(-1, *[1] * (weight_ir.ndim - 1)))
+        acc_bound = w_abs.reshape(out_channels, -1).sum(axis=1) * x_max + np.abs(bias)
+        acc_dtype = self._check_accumulator(group, acc_bound, params)
+        return self._layer(group, op, attrs=attrs, params=params, acc_dtype=acc_dtype,
+                           rounding=ctx.target.requant_rounding)
+
+    def _weight_ir(self, group: LayerGroup) -> tuple[np.ndarray, QParams]:
+        qp_w = self.ctx.qparams[group.weight]
+        return quantize_constant(self.ctx.index.constant(group.weight), qp_w), qp_w
+
+    # -- one method per ONNX op ----------------------------------------------------------------
+    def _lower_conv(self, group: LayerGroup) -> Layer:
+        node = group.node
+        q_w, qp_w = self._weight_ir(group)
+        kernel = list(get_attr(node, "kernel_shape", q_w.shape[2:]))
+        strides = list(get_attr(node, "strides", [1, 1]))
+        dilations = list(get_attr(node, "dilations", [1, 1]))
+        in_shape = self.ctx.shapes[group.inputs[0]]
+        pads = explicit_pads(node, in_shape[2:], kernel, strides, dilations)
+        attrs = {"kernel_shape": kernel, "strides": strides, "pads": pads, "dilations": dilations,
+                 "group": int(get_attr(node, "group", 1))}
+        return self._weighted(group, q_w, qp_w, "conv", attrs)
+
+    def _lower_gemm(self, group: LayerGroup) -> Layer:
+        node = group.node
+        if get_attr(node, "alpha", 1.0) != 1.0 or get_attr(node, "beta", 1.0) != 1.0:
+            raise self.ctx.fail(group, "alpha/beta must be 1 after canonicalization")
+        q_w, qp_w = self._weight_ir(group)
+        if not get_attr(node, "transB", 0):
+            q_w = np.ascontiguousarray(q_w.T)
+        return self._weighted(group, q_w, qp_w, "gemm", {})
+
+    def _lower_matmul(self, group: LayerGroup) -> Layer:
+        q_w, qp_w = self._weight_ir(group)
+        return self._weighted(group, np.ascontiguousarray(q_w.T), qp_w, "gemm", {})
+
+    def _lower_add(self, group: LayerGroup) -> Layer:
+        qa, qb = (self.ctx.qparams[i] for i in group.inputs)
+        qy = self.ctx.qparams[group.output]
+        ratios = np.array([qa.scale[0], qb.scale[0]], np.float64) / np.float64(qy.scale[0])
+        try:
+            m, k = shared_shift_multipliers(ratios, self.ctx.target.multiplier_bits)
+        except ValueError as exc:
+            raise self.ctx.fail(group, str(exc)) from None
+        params = {"multiplier": m, "shift": np.array([k], np.int8)}
+        params.update(self._clamp_params(group, qy, group.activation))
+        return self._layer(group, "add", params=params, acc_dtype="int64", rounding=self.ctx.target.requant_rounding)
+
+    def _pool_attrs(self, group: LayerGroup) -> dict:
+        node = group.node
+        kernel = list(get_attr(node, "kernel_shape"))
+        strides = list(get_attr(node, "strides", [1, 1]))
+        dilations = list(get_attr(node, "dilations", [1, 1]))
+        pads = explicit_pads(node, self.ctx.shapes[group.inputs[0]][2:], kernel, strides, dilations)
+        return {"kernel_shape": kernel, "strides": strides, "pads": pads, "dilations": dilations,
+                "ceil_mode": int(get_attr(node, "ceil_mode", 0))}
+
+    def _lower_maxpool(self, group: LayerGroup) -> Layer:
+        return self._layer(group, "maxpool", attrs=self._pool_attrs(group))
+
+    def _avgpool(self, group: LayerGroup, attrs: dict) -> Layer:
+        ctx = self.ctx
+        qp_x, qp_y = ctx.qparams[group.inputs[0]], ctx.qparams[group.output]
+        in_hw = ctx.shapes[group.inputs[0]][2:]
+        out_hw = ctx.shapes[group.output][2:]
+        include_pad = bool(attrs.get("count_include_pad", 0))
+        pads = attrs["pads"]
+        counts = [
+            _window_counts(in_hw[a], out_hw[a], attrs["kernel_shape"][a], attrs["strides"][a],
+                           attrs["dilations"][a], pads[a], pads[a + 2], include_pad)
+            for a in range(2)
+        ]
+        count = np.outer(counts[0], counts[1])
+        ratio = np.float64(qp_x.scale[0]) / (np.float64(qp_y.scale[0]) * count)
+        if np.all(count == count.flat[0]):
+            ratio = ratio.reshape(-1)[:1]
+        bits = ctx.target.multiplier_bits
+        if ctx.target.shift_only:
+            exps = np.log2(ratio)
+            bits = 0 if np.all(exps == np.round(exps)) else POOL_MULTIPLIER_BITS
+        m, k = shared_shift_multipliers(ratio.reshape(-1), bits)
+        params = {"multiplier": m.reshape(ratio.shape), "shift": np.array([k], np.int8)}
+        params.update(self._clamp_params(group, qp_y))
+        return self._layer(group, "avgpool", attrs=attrs, params=params, acc_dtype="int32",
+                           rounding=ctx.target.requant_rounding)
+
+    def _lower_averagepool(self, group: LayerGroup) -> Layer:
+        attrs = self._pool_attrs(group)
+        attrs["count_include_pad"] = int(get_attr(group.node, "count_include_pad", 0))
+        return self._avgpool(group, attrs)
+
+    def _lower_globalaveragepool(self, group: LayerGroup) -> Layer:
+        hw = list(self.ctx.shapes[group.inputs[0]][2:])
+        attrs = {"kernel_shape": hw, "strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1],
+                 "ceil_mode": 0, "count_include_pad": 0}
+        return self._avgpool(group, attrs)
+
+    def _reshape_to_output(self, group: LayerGroup) -> Layer:
+        in_shape, out_shape = self.ctx.shapes[group.inputs[0]], self.ctx.shapes[group.output]
+        shape = list(out_shape)
+        if out_shape and in_shape and out_shape[0] == in_shape[0]:
+            shape[0] = 0  # ONNX: 0 copies the input's dim, so any batch size runs
+        layer = self._layer(group, "reshape", attrs={"shape": shape})
+        layer.inputs = layer.inputs[:1]
+        return layer
+
+    _lower_flatten = _reshape_to_output
+    _lower_reshape = _reshape_to_output
+
+    def _lower_concat(self, group: LayerGroup) -> Layer:
+        qy = self.ctx.qparams[group.output]
+        axis = int(get_attr(group.node, "axis"))
+        rank = len(self.ctx.shapes[group.output])
+        ratios = np.array([self.ctx.qparams[i].scale[0] for i in group.inputs], np.float64) / np.float64(qy.scale[0])
+        bits = self.ctx.target.multiplier_bits
+        ms, ks = [], []
+        for r in ratios:
+            m, k = (np.array([1]), np.array([0])) if r == 1.0 else self._requant_pair(group, r, bits)
+            ms.append(int(m[0]))
+            ks.append(int(k[0]))
+        params = {"multiplier": np.array(ms, np.int32), "shift": np.array(ks, np.int8)}
+        return self._layer(group, "concat", attrs={"axis": axis % rank}, params=params,
+                           rounding=self.ctx.target.requant_rounding)
+
+    def _requant_pair(self, group: LayerGroup, ratio: float, bits: int):
+        p = self._requant_params(group, np.array([ratio]), bits)
+        return p["multiplier"], p["shift"]
+
+    def _clamp_only(self, group: LayerGroup) -> Layer:
+        qp = self.ctx.qparams[group.inputs[0]]
+        layer = self._layer(group, "clamp", params=self._clamp_params(group, qp, group.node))
+        layer.inputs = layer.inputs[:1]
+        return layer
+
+    _lower_relu = _clamp_only
+    _lower_clip = _clamp_only
+
+
+def lower_program(model: onnx.ModelProto, plan: LayerPlan, qparams: QParamTable, target: TargetPreset,
+                  metadata: dict[str, str] | None = None) -> Program:
+    """The integer program for a fused float model and its quantization-parameter table."""
+    return Lowering(model, plan, qparams, target, metadata).run()

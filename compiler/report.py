@@ -1,0 +1,81 @@
+"""The compile report: what each stage did and took, the passes, the layers and their scales."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from passes.base import PassRecord
+from passes.qparams import QParamTable
+from passes.targets import TargetPreset
+from runtime.ir import Program
+
+
+@dataclass
+class CompileReport:
+    source: str
+    target: TargetPreset
+    notes: list[str] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    pass_records: list[PassRecord] = field(default_factory=list)
+    qparams: QParamTable | None = None
+    program: Program | None = None
+
+    def stage(self, name: str, started: float) -> None:
+        self.stage_seconds[name] = time.perf_counter() - started
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.stage_seconds.values())
+
+    def layer_lines(self) -> list[str]:
+        if self.program is None:
+            return []
+        lines = []
+        for layer in self.program.layers:
+            out = self.program.tensors[layer.outputs[0]]
+            ins = ", ".join(f"{self.program.tensors[i].dtype}" for i in layer.inputs)
+            extra = ""
+            if "multiplier" in layer.params:
+                m, k = layer.params["multiplier"], layer.params["shift"]
+                extra = f"  m {int(m.min())}..{int(m.max())}  k {int(k.min())}..{int(k.max())}"
+            if "clamp_lo" in layer.params:
+                extra += f"  clamp [{int(layer.params['clamp_lo'].min())}, {int(layer.params['clamp_hi'].max())}]"
+            lines.append(f"  {layer.name:<28} {layer.op:<9} {ins} -> {out.dtype}{extra}"
+                         f"  ({' + '.join(layer.source_nodes)})")
+        return lines
+
+    def summary(self) -> str:
+        """A few lines for the console."""
+        n_layers = len(self.program.layers) if self.program else 0
+        ops: dict[str, int] = {}
+        for layer in self.program.layers if self.program else []:
+            ops[layer.op] = ops.get(layer.op, 0) + 1
+        passes = [r for r in self.pass_records if r.modified]
+        lines = [f"compiled {self.source} for {self.target.name} ({self.target.weight_bits}-bit) in "
+                 f"{self.total_seconds:.2f} s: {n_layers} integer layers "
+                 f"({', '.join(f'{v} {k}' for k, v in sorted(ops.items()))})"]
+        for r in passes:
+            lines.append(f"  pass {r.name}: {'; '.join(r.changes)}")
+        lines.extend(f"  {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def text(self) -> str:
+        parts = [f"qlower compile report: {self.source}", f"target: {self.target.name} - {self.target.description}",
+                 f"bits: weights {self.target.weight_bits}, activations {self.target.activation_bits}; "
+                 f"multiplier bits {self.target.multiplier_bits}; bias {self.target.bias_dtype}", ""]
+        parts.append("stages:")
+        parts.extend(f"  {k:<12} {v * 1000:9.1f} ms" for k, v in self.stage_seconds.items())
+        parts.append("")
+        parts.append("passes:")
+        parts.extend("  " + r.summary_line() for r in self.pass_records)
+        parts.append("")
+        parts.append("notes:")
+        parts.extend(f"  {n}" for n in self.notes)
+        parts.append("")
+        parts.append("layers:")
+        parts.extend(self.layer_lines())
+        if self.qparams is not None:
+            parts.append("")
+            parts.append("quantization parameters:")
+            parts.extend("  " + line for line in self.qparams.describe().splitlines())
+        return "\n".join(parts) + "\n"
