@@ -112,10 +112,37 @@ def shift_round_half_up(acc: np.ndarray, k) -> np.ndarray:
     return np.left_shift(np.right_shift(acc + half, right), left)
 
 
-def requantize(acc: np.ndarray, m, k, axis: int | None = None) -> np.ndarray:
+def shift_round_half_even(acc: np.ndarray, k) -> np.ndarray:
+    """acc / 2^k rounded half to even for k > 0 (ties go to the even neighbour, as ONNX
+    QuantizeLinear rounds), acc << -k for k <= 0."""
+    acc = np.asarray(acc, dtype=np.int64)
+    k = np.asarray(k, dtype=np.int64)
+    up = shift_round_half_up(acc, k)
+    right = np.maximum(k, 0)
+    mask = np.left_shift(np.int64(1), right) - 1
+    half = np.where(k > 0, np.left_shift(np.int64(1), np.maximum(right - 1, 0)), -1)
+    tie = (k > 0) & ((acc & mask) == half)
+    return np.where(tie & (up % 2 != 0), up - 1, up)
+
+
+ROUNDING_MODES = ("half_up", "half_even")
+"""Requantization rounding modes: TIDL's half_up (the presets' choice) and half_even (ONNX's)."""
+
+
+def shift_round(acc: np.ndarray, k, rounding: str | None = "half_up") -> np.ndarray:
+    """acc / 2^k rounded by the named mode (None means half_up)."""
+    if rounding in (None, "half_up"):
+        return shift_round_half_up(acc, k)
+    if rounding == "half_even":
+        return shift_round_half_even(acc, k)
+    raise ValueError(f"unknown rounding mode {rounding!r}; known: {', '.join(ROUNDING_MODES)}")
+
+
+def requantize(acc: np.ndarray, m, k, axis: int | None = None, rounding: str | None = "half_up") -> np.ndarray:
     """requant(a, m, k) of the arithmetic contract, in int64.
 
-    (a*m + 2^(k-1)) >> k for k > 0 (round half up), a*m for k = 0, (a*m) << -k for k < 0.
+    (a*m + 2^(k-1)) >> k for k > 0 (round half up; ``rounding="half_even"`` sends exact ties
+    to the even neighbour instead), a*m for k = 0, (a*m) << -k for k < 0.
     ``m`` and ``k`` are 1-D (length 1 = per tensor, or one per slice along ``axis`` of acc) or
     already shaped to broadcast against acc. Raises OverflowError when a*m (or the shifted
     value) could leave int64, judged from max |acc| per slice.
@@ -125,7 +152,7 @@ def requantize(acc: np.ndarray, m, k, axis: int | None = None) -> np.ndarray:
     k = _along(np.asarray(k, dtype=np.int64), acc.ndim, axis)
     if acc.size:
         _check_no_overflow(acc, m, k)
-    return shift_round_half_up(acc * m, k)
+    return shift_round(acc * m, k, rounding)
 
 
 def _check_no_overflow(acc: np.ndarray, m: np.ndarray, k: np.ndarray) -> None:

@@ -177,7 +177,7 @@ def avgpool(layer, inputs, in_infos, out_infos):
     m, k = ref._pool_requant(layer, geo["out"])
     dtype = out_infos[0].dtype
     lo, hi = clamp_bounds(layer, dtype)
-    return [finish(requantize(s, m, k), tensor_zero_point(out_infos[0]), lo, hi, dtype)]
+    return [finish(requantize(s, m, k, rounding=layer.rounding), tensor_zero_point(out_infos[0]), lo, hi, dtype)]
 
 
 KERNELS = dict(ref.KERNELS)

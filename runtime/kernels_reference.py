@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import ProgramError
-from .fixed_point import dtype_limits, requantize, shift_round_half_up
+from .fixed_point import dtype_limits, requantize, shift_round
 from .kernel_common import (
     check_same_qparams,
     clamp_bounds,
@@ -93,7 +93,7 @@ def make_conv(accumulate):
         m, k = requant_params(layer, o)
         dtype = out_infos[0].dtype
         lo, hi = clamp_bounds(layer, dtype, o)
-        return [finish(requantize(acc, m, k, axis=1), tensor_zero_point(out_infos[0]), lo, hi, dtype, axis=1)]
+        return [finish(requantize(acc, m, k, axis=1, rounding=layer.rounding), tensor_zero_point(out_infos[0]), lo, hi, dtype, axis=1)]
 
     return conv
 
@@ -110,7 +110,7 @@ def make_gemm(accumulate):
         m, k = requant_params(layer, o)
         dtype = out_infos[0].dtype
         lo, hi = clamp_bounds(layer, dtype, o)
-        return [finish(requantize(acc, m, k, axis=-1), tensor_zero_point(out_infos[0]), lo, hi, dtype, axis=-1)]
+        return [finish(requantize(acc, m, k, axis=-1, rounding=layer.rounding), tensor_zero_point(out_infos[0]), lo, hi, dtype, axis=-1)]
 
     return gemm
 
@@ -123,7 +123,7 @@ def make_matmul(accumulate):
         m, k = requant_params(layer, 1)
         dtype = out_infos[0].dtype
         lo, hi = clamp_bounds(layer, dtype)
-        return [finish(requantize(acc, m, k), tensor_zero_point(out_infos[0]), lo, hi, dtype)]
+        return [finish(requantize(acc, m, k, rounding=layer.rounding), tensor_zero_point(out_infos[0]), lo, hi, dtype)]
 
     return matmul
 
@@ -134,7 +134,7 @@ matmul = make_matmul(matmul_accumulate)
 
 
 def add(layer, inputs, in_infos, out_infos):
-    """acc = (a - zp_a)*m_a + (b - zp_b)*m_b; y = clamp(zp_y + shift_round_half_up(acc, k))."""
+    """acc = (a - zp_a)*m_a + (b - zp_b)*m_b; y = clamp(zp_y + shift_round(acc, k, rounding))."""
     m = param(layer, "multiplier", required=True).astype(np.int64).ravel()
     k = per_channel(param(layer, "shift", required=True), 1, "shift")
     if m.size != 2:
@@ -144,7 +144,7 @@ def add(layer, inputs, in_infos, out_infos):
     acc = a * m[0] + b * m[1]
     dtype = out_infos[0].dtype
     lo, hi = clamp_bounds(layer, dtype)
-    return [finish(shift_round_half_up(acc, k[0]), tensor_zero_point(out_infos[0]), lo, hi, dtype)]
+    return [finish(shift_round(acc, k[0], layer.rounding), tensor_zero_point(out_infos[0]), lo, hi, dtype)]
 
 
 def _windows(geo, h: int, w: int):
@@ -189,7 +189,7 @@ def avgpool(layer, inputs, in_infos, out_infos):
     m, k = _pool_requant(layer, geo["out"])
     dtype = out_infos[0].dtype
     lo, hi = clamp_bounds(layer, dtype)
-    return [finish(requantize(s, m, k), tensor_zero_point(out_infos[0]), lo, hi, dtype)]
+    return [finish(requantize(s, m, k, rounding=layer.rounding), tensor_zero_point(out_infos[0]), lo, hi, dtype)]
 
 
 def _pool_requant(layer, out_hw) -> tuple[np.ndarray, np.ndarray]:
@@ -228,7 +228,7 @@ def concat(layer, inputs, in_infos, out_infos):
     zp_y = tensor_zero_point(out_infos[0])
     parts = []
     for i, (q, info) in enumerate(zip(inputs, in_infos)):
-        r = requantize(q.astype(np.int64) - tensor_zero_point(info), m[i: i + 1], k[i: i + 1])
+        r = requantize(q.astype(np.int64) - tensor_zero_point(info), m[i: i + 1], k[i: i + 1], rounding=layer.rounding)
         parts.append(finish(r, zp_y, lo, hi, dtype))
     return [np.concatenate(parts, axis=int(layer.attrs.get("axis", 1)))]
 
@@ -246,7 +246,7 @@ def requantize_op(layer, inputs, in_infos, out_infos):
     m, k = requant_params(layer, 1)
     dtype = out_infos[0].dtype
     lo, hi = clamp_bounds(layer, dtype)
-    r = requantize(inputs[0].astype(np.int64) - tensor_zero_point(in_infos[0]), m, k)
+    r = requantize(inputs[0].astype(np.int64) - tensor_zero_point(in_infos[0]), m, k, rounding=layer.rounding)
     return [finish(r, tensor_zero_point(out_infos[0]), lo, hi, dtype)]
 
 

@@ -185,3 +185,21 @@ def test_quantize_matches_onnxruntime(dtype):
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     expected = session.run(None, {"x": x})[0]
     assert np.array_equal(quantize(x, scale, zp, dtype), expected)
+
+
+def test_half_even_rounding_sends_exact_ties_to_the_even_neighbour():
+    from runtime.fixed_point import shift_round
+
+    acc = np.array([-7, -6, -5, -3, -1, 1, 3, 5, 6, 7, 10, 11, 12, 13, 14], np.int64)
+    # k = 1 divides by 2 (ties at odd acc); k = 2 divides by 4 (ties at acc = 2 mod 4).
+    np.testing.assert_array_equal(shift_round(acc, 1, "half_even"), np.rint(acc / 2).astype(np.int64))
+    np.testing.assert_array_equal(shift_round(acc, 2, "half_even"), np.rint(acc / 4).astype(np.int64))
+    np.testing.assert_array_equal(shift_round(acc, 1, "half_up"), np.floor(acc / 2 + 0.5).astype(np.int64))
+    np.testing.assert_array_equal(shift_round(acc, -2, "half_even"), acc * 4)
+
+
+def test_unknown_rounding_mode_is_refused():
+    from runtime.fixed_point import shift_round
+
+    with pytest.raises(ValueError, match="unknown rounding mode"):
+        shift_round(np.array([1]), 1, "stochastic")
