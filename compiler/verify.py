@@ -1,4 +1,4 @@
-"""The reference side of "the runtime matches the QDQ model" (DESIGN.md): onnxruntime runs the
+"""Checking the integer program against the QDQ model: "the runtime matches the QDQ model" (DESIGN.md): onnxruntime runs the
 QDQ model with graph optimizations disabled and exposes every quantized tensor and the float value
 each QuantizeLinear rounds; each IR layer is fed the QDQ model's integer inputs and its integer
 output compared with the QDQ model's. A mismatch is excused only if it is one step and the value
@@ -14,9 +14,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from compiler.onnx_runner import make_session
 from passes.insert_qdq import ONNX_DTYPES, prequant_name, quantized_name
 from runtime.executor import run_layer
+
+from .onnx_runner import make_session
 
 # Distance from a tie (in output steps) within which a one-step mismatch is genuine: float32
 # rounding of onnxruntime's sums (relative 2^-24 per operation, a few hundred terms) plus the
