@@ -57,15 +57,20 @@ def _cmd_compile(args) -> int:
     from .loader import parse_input_shape
 
     shapes = dict(parse_input_shape(text) for text in args.input_shape)
+    for flag, folder in (("--out", args.out), ("--dump-dir", args.dump_dir)):
+        if folder is not None and os.path.exists(folder) and not os.path.isdir(folder):
+            raise CompileError(f"{flag} '{folder}' exists and is not a directory")
     result = compile_model(args.model, target=args.target, calibration=args.calib, input_shapes=shapes or None,
                            calib_method=args.calib_method, percentile=args.percentile, dump_dir=args.dump_dir)
+    # Check the evaluation data before writing anything: bad --eval data must not leave outputs.
+    eval_data = load_calibration(args.eval, result.input_specs) if args.eval else None
     paths = result.save(args.out)
     print(result.report.summary())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
-    if args.eval:
+    if eval_data is not None:
         from .evaluate import evaluate
 
-        print(evaluate(result, load_calibration(args.eval, result.input_specs)).text())
+        print(evaluate(result, eval_data).text())
     return 0
 
 
@@ -91,14 +96,18 @@ def _cmd_run(args) -> int:
     if len(counts) != 1:
         raise CompileError(f"'{args.input}': inputs have different sample counts {sorted(counts)}")
     n = counts.pop()
+    if n == 0:
+        raise CompileError(f"'{args.input}' holds no samples (axis 0 has length 0)")
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise CompileError(f"--output '{out}': folder '{out.parent}' does not exist")
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in program.outputs}
     for start in range(0, n, max(1, args.batch_size)):
         feeds = {k: np.ascontiguousarray(data[k][start:start + args.batch_size]) for k in program.inputs}
         for name, value in program.run(feeds, raw=args.raw).items():
             outputs[name].append(value)
     stacked = {k: np.concatenate(v) for k, v in outputs.items()}
-    out = Path(args.output)
-    fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", suffix=".npz.tmp")
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".npz.tmp")
     os.close(fd)
     try:
         with open(tmp, "wb") as f:
@@ -113,8 +122,10 @@ def _cmd_run(args) -> int:
 
 def _cmd_inspect(args) -> int:
     path = Path(args.file)
-    if not path.is_file():
+    if not path.exists():
         raise CompileError(f"'{path}' does not exist")
+    if not path.is_file():
+        raise CompileError(f"'{path}' is not a file; give a .qir program or an .onnx model")
     if path.suffix == ".qir":
         from runtime import load_program
         from runtime.text import program_to_text
@@ -133,13 +144,27 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _one_line(message: str) -> str:
+    """A multi-line message (e.g. the list of unsupported nodes) as one line: items after a line
+    ending in ':' follow it, other lines are joined with '; '."""
+    text = ""
+    for line in (part.strip() for part in str(message).splitlines()):
+        if line:
+            text = line if not text else text + (" " if text.endswith(":") else "; ") + line
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"compile": _cmd_compile, "run": _cmd_run, "inspect": _cmd_inspect}[args.command]
     try:
         return handler(args)
     except USER_ERRORS as exc:
-        print(f"qlower: error: {exc}", file=sys.stderr)
+        print(f"qlower: error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unwritable or missing folders and files: the user's to fix, not a bug
+        where = f"'{exc.filename}': " if exc.filename else ""
+        print(f"qlower: error: {where}{_one_line(exc.strerror or str(exc))}", file=sys.stderr)
         return 2
 
 

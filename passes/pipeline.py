@@ -6,16 +6,18 @@ import onnx
 from .activation_fusion import FuseActivations
 from .base import GraphPass, Instrument, PassManager, PipelineResult
 from .batchnorm_folding import FoldBatchNorm
-from .canonicalize import NormalizeGemm
+from .canonicalize import FoldPadIntoConv, NormalizeGemm
 from .cleanup import NameNodes, RemoveDeadCode, RemoveIdentity
 from .constant_folding import FoldConstants
 
 
 def default_passes() -> list[GraphPass]:
     """The passes in their written order: names first (everything after refers to nodes by
-    name), then cleanup and folding, BatchNorm folding, Gemm normalization (alpha = beta = 1, 1-D bias), and activation fusion
+    name), then cleanup and folding, BatchNorm folding, Gemm normalization (alpha = beta = 1, 1-D bias), zero Pad folded into
+    the Conv after it, and activation fusion
     last (it annotates the producers that BatchNorm folding leaves)."""
-    return [NameNodes(), RemoveIdentity(), FoldConstants(), RemoveDeadCode(), FoldBatchNorm(), NormalizeGemm(), FuseActivations()]
+    return [NameNodes(), RemoveIdentity(), FoldConstants(), RemoveDeadCode(), FoldBatchNorm(), NormalizeGemm(), FoldPadIntoConv(),
+            FuseActivations()]
 
 
 def run_default_pipeline(model: onnx.ModelProto, instruments: tuple[Instrument, ...] = (),

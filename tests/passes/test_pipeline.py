@@ -42,7 +42,7 @@ def small_net():
 def test_default_passes_order():
     assert [p.name for p in default_passes()] == [
         "name_nodes", "remove_identity", "fold_constants", "remove_dead_code", "fold_batchnorm",
-        "normalize_gemm", "fuse_activations"]
+        "normalize_gemm", "fold_pad_into_conv", "fuse_activations"]
 
 
 def test_pipeline_end_to_end():
