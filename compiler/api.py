@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from passes.base import PassRecord
@@ -31,6 +30,7 @@ from .errors import CompileError
 from .loader import load_model
 from .lowering import lower_program
 from .report import CompileReport
+from .scales import choose_qparams
 
 __version__ = "0.1.0"
 
@@ -122,8 +122,6 @@ def compile_model(model_or_path, target: str = "mmav2", calibration=None, *, bit
     report.notes.append(f"calibrated {len(ranges)} tensors on {data.num_samples} samples ({calib_method})")
     report.stage("calibration", clock)
 
-    from .scales import choose_qparams
-
     clock = time.perf_counter()
     qparams = choose_qparams(model, plan, ranges, preset)
     report.qparams = qparams
@@ -155,7 +153,3 @@ def compile_model(model_or_path, target: str = "mmav2", calibration=None, *, bit
     report.stage("lowering", clock)
     return CompileResult(program, qdq_model, loaded.model, model, plan, qparams, preset, report, dict(loaded.inputs))
 
-
-def as_feeds(samples: dict[str, np.ndarray], index: int, count: int = 1) -> dict[str, np.ndarray]:
-    """Samples ``index .. index+count`` of every input as one batch."""
-    return {k: np.ascontiguousarray(v[index:index + count]) for k, v in samples.items()}

@@ -17,7 +17,7 @@ import onnx
 from passes.activation_fusion import activation_bounds
 from passes.graph import GraphIndex, get_attr
 from passes.layer_plan import LayerGroup, LayerPlan
-from passes.qparams import DTYPE_RANGES, QParams, QParamTable, quantize_constant
+from passes.qparams import QParams, QParamTable, quantize_constant
 from passes.targets import TargetPreset
 from runtime.fixed_point import quantize_multiplier
 from runtime.ir import Layer, Program, TensorInfo
@@ -319,19 +319,11 @@ class Lowering:
         axis = int(get_attr(group.node, "axis"))
         rank = len(self.ctx.shapes[group.output])
         ratios = np.array([self.ctx.qparams[i].scale[0] for i in group.inputs], np.float64) / np.float64(qy.scale[0])
-        bits = self.ctx.target.multiplier_bits
-        ms, ks = [], []
-        for r in ratios:
-            m, k = (np.array([1]), np.array([0])) if r == 1.0 else self._requant_pair(group, r, bits)
-            ms.append(int(m[0]))
-            ks.append(int(k[0]))
-        params = {"multiplier": np.array(ms, np.int32), "shift": np.array(ks, np.int8)}
+        params = self._requant_params(group, ratios)
+        same = ratios == 1.0  # an input already in the output's encoding passes through exactly
+        params["multiplier"][same], params["shift"][same] = 1, 0
         return self._layer(group, "concat", attrs={"axis": axis % rank}, params=params,
                            rounding=self.ctx.target.requant_rounding)
-
-    def _requant_pair(self, group: LayerGroup, ratio: float, bits: int):
-        p = self._requant_params(group, np.array([ratio]), bits)
-        return p["multiplier"], p["shift"]
 
     def _clamp_only(self, group: LayerGroup) -> Layer:
         qp = self.ctx.qparams[group.inputs[0]]
