@@ -408,7 +408,9 @@ def test_inspect_bad_file(zoo, tmp_path, capsys, case):
         path.write_bytes(b"\x00\xffnot a model at all\x13\x37")
     rc = main(["inspect", str(path)])
     captured = capsys.readouterr()
-    _assert_user_error(rc, captured.out, captured.err, str(path))
+    what = {"missing": "does not exist", "not_a_model": "neither a .qir program nor an ONNX model",
+            "npz": "neither a .qir program nor an ONNX model", "bad_qir": "not a .qir file", "folder": "not a file"}
+    _assert_user_error(rc, captured.out, captured.err, str(path), what[case])
 
 
 # ---------------------------------------------------------------------------- compile refusals
@@ -494,10 +496,22 @@ def _external_weight_model(zoo, d: Path, location: str) -> tuple[Path, bytes]:
 
 
 def _spy_on_opened_files(monkeypatch) -> list[str]:
-    """Real paths of every file opened through open() or os.open() (onnx reads external data
-    with os.open) until monkeypatch is undone."""
+    """Real paths of every file opened through open(), os.open() or onnx's C++ external-data
+    opener (what onnx.external_data_helper reads tensors with), until monkeypatch is undone.
+    test_external_data_inside_the_model_folder_is_read shows the spy sees external data reads."""
+    from onnx import external_data_helper
+
     opened: list[str] = []
     real_open, real_os_open = builtins.open, os.open
+    c_checker = getattr(external_data_helper, "c_checker", None)
+    if c_checker is not None and hasattr(c_checker, "_open_external_data"):
+        real_c_open = c_checker._open_external_data
+
+        def spying_c_open(base_dir, location, *args, **kwargs):
+            opened.append(os.path.realpath(os.path.join(base_dir, location)))
+            return real_c_open(base_dir, location, *args, **kwargs)
+
+        monkeypatch.setattr(c_checker, "_open_external_data", spying_c_open)
 
     def spying_open(file, *args, **kwargs):
         if isinstance(file, (str, bytes, os.PathLike)):

@@ -1,0 +1,66 @@
+"""Lowering's arithmetic helpers against direct computations, and the compile-time overflow check."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from compiler.errors import CompileError
+from compiler.lowering import (_window_counts, choose_multipliers, clamp_bounds, explicit_pads,
+                               shared_shift_multipliers)
+from passes.graph import GraphIndex
+from passes.qparams import QParams
+
+
+def test_shared_shift_multipliers_with_bits():
+    m, k = shared_shift_multipliers(np.array([0.75, 0.1]), 15)
+    assert m[0] < 2**15 and abs(m[0] / 2**k - 0.75) <= 0.75 * 2**-15
+    assert abs(m[1] / 2**k - 0.1) <= 2.0 ** -(k + 1)
+
+
+def test_shared_shift_multipliers_shift_only_are_exact_powers_of_two():
+    m, k = shared_shift_multipliers(np.array([2.0, 0.25]), 0)
+    assert list(m) == [8, 1] and k == 2
+    with pytest.raises(ValueError, match="power-of-2"):
+        shared_shift_multipliers(np.array([0.3, 0.25]), 0)
+    with pytest.raises(ValueError, match="power-of-2"):
+        choose_multipliers(np.array([0.3]), 0)
+
+
+def test_clamp_bounds_follow_quantizelinear_on_the_clip_limits():
+    out = QParams(np.float32(0.05), 10, "uint8")
+    graph = helper.make_graph([], "g", [], [], [onnx.numpy_helper.from_array(np.float32(-0.2), "lo"),
+                                                 onnx.numpy_helper.from_array(np.float32(6.0), "hi")])
+    clip = helper.make_node("Clip", ["x", "lo", "hi"], ["y"], name="clip")
+    lo, hi = clamp_bounds(clip, GraphIndex(graph), out)
+    assert lo == 10 + int(np.rint(np.float32(-0.2) / np.float32(0.05)))  # -4 steps below zp
+    assert hi == min(255, 10 + int(np.rint(np.float32(6.0) / np.float32(0.05))))
+    relu = helper.make_node("Relu", ["x"], ["y"], name="relu")
+    assert clamp_bounds(relu, GraphIndex(graph), out) == (10, 255)
+
+
+def test_same_upper_and_lower_pads():
+    node = helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER")
+    assert explicit_pads(node, (7, 8), [3, 3], [2, 2], [1, 1]) == [1, 0, 1, 1]
+    node = helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_LOWER")
+    assert explicit_pads(node, (7, 8), [3, 3], [2, 2], [1, 1]) == [1, 1, 1, 0]
+
+
+def test_window_counts_with_and_without_pads():
+    # 5 inputs, kernel 3, stride 2, pads 1/1 -> 3 outputs covering [-1..1], [1..3], [3..5]
+    assert list(_window_counts(5, 3, 3, 2, 1, 1, 1, include_pad=False)) == [2, 3, 2]
+    assert list(_window_counts(5, 3, 3, 2, 1, 1, 1, include_pad=True)) == [3, 3, 3]
+
+
+def test_accumulator_overflow_is_refused_at_compile_time():
+    from compiler.lowering import Lowering
+    from passes.layer_plan import LayerGroup
+
+    lowering = Lowering.__new__(Lowering)
+    lowering.ctx = type("Ctx", (), {"fail": lambda self, g, msg: CompileError(f"node 'c' (Conv): {msg}")})()
+    group = LayerGroup(helper.make_node("Conv", ["x", "w"], ["y"], name="c"), None, ["x"], "y")
+    params = {"multiplier": np.array([2**31 - 1], np.int64), "shift": np.array([0], np.int8)}
+    with pytest.raises(CompileError, match="overflows int64"):
+        lowering._check_accumulator(group, np.array([2.0**33]), params)
+    assert lowering._check_accumulator(group, np.array([1000.0]), params) == "int32"
