@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dump-dir", help="write the ONNX model after every pass (NN_<pass>.onnx) and summary.txt here")
     c.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
                    help="fix an input's symbolic dims (repeatable)")
+    c.add_argument("--batch-size", type=int, help="fix a symbolic batch dim (dim 0) of every input")
     c.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile"])
     c.add_argument("--percentile", type=float, default=99.99)
     c.add_argument("--eval", metavar="DATA.npz", help="after compiling, measure accuracy on this data")
@@ -60,7 +61,7 @@ def _cmd_compile(args) -> int:
     for flag, folder in (("--out", args.out), ("--dump-dir", args.dump_dir)):
         if folder is not None and os.path.exists(folder) and not os.path.isdir(folder):
             raise CompileError(f"{flag} '{folder}' exists and is not a directory")
-    result = compile_model(args.model, target=args.target, calibration=args.calib, input_shapes=shapes or None,
+    result = compile_model(args.model, target=args.target, calibration=args.calib, input_shapes=shapes or None, batch_size=args.batch_size,
                            calib_method=args.calib_method, percentile=args.percentile, dump_dir=args.dump_dir)
     # Check the evaluation data before writing anything: bad --eval data must not leave outputs.
     eval_data = load_calibration(args.eval, result.input_specs) if args.eval else None
@@ -101,6 +102,8 @@ def _cmd_run(args) -> int:
     out = Path(args.output)
     if not out.parent.is_dir():
         raise CompileError(f"--output '{out}': folder '{out.parent}' does not exist")
+    if out.is_dir():
+        raise CompileError(f"--output '{out}' is a folder; give the .npz file to write")
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in program.outputs}
     for start in range(0, n, max(1, args.batch_size)):
         feeds = {k: np.ascontiguousarray(data[k][start:start + args.batch_size]) for k in program.inputs}

@@ -450,7 +450,7 @@ def _check_inputs_static(inputs: list[onnx.ValueInfoProto], where: str) -> None:
         dims = tensor_type.shape.dim
         loose = [f"dim {i} '{_dim_text(d)}'" for i, d in enumerate(dims) if not _is_known_input_dim(d)]
         if dims and not _is_known_input_dim(dims[0]):
-            batch_hint = " (a symbolic dim 0 can also be set with the batch size option)"
+            batch_hint = " (a symbolic dim 0 can also be set with --batch-size N)"
         if loose:
             template = "x".join(str(d.dim_value) if _is_known_input_dim(d) else (d.dim_param or "?") for d in dims)
             problems.append(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import io
+import itertools
 import os
 import re
 import subprocess
@@ -179,7 +180,7 @@ def test_compile_dump_dir_holds_every_pass_and_a_summary(zoo, compiled):
         assert len(model.graph.node) == int(m.group(3)), (name, line)
     counts = [tuple(int(n) for n in re.search(r"nodes\s+(\d+) -> (\d+)", line).groups()) for line in lines]
     assert counts[0][0] == len(zoo["model"].graph.node)  # the first pass sees the loaded model
-    for (_, after), (before, _) in zip(counts, counts[1:]):
+    for (_, after), (before, _) in itertools.pairwise(counts):
         assert before == after  # each pass starts from the previous pass's model
     # the passes that do something on this model are all listed
     for pass_name in ("fold_batchnorm", "fuse_activations", "insert_qdq"):
@@ -189,7 +190,7 @@ def test_compile_dump_dir_holds_every_pass_and_a_summary(zoo, compiled):
 def test_compile_eval_prints_sqnr(compiled):
     stdout = compiled["stdout"]
     assert compiled["stderr"] == ""
-    sqnr = re.findall(r"^\s+(integer program \(qlower runtime\)|QDQ model \(onnxruntime\)):\s+([-0-9.]+) dB", stdout, re.M)
+    sqnr = re.findall(r"^\s+(integer program \(qlower runtime\)|QDQ model \(onnxruntime\)):\s+([-0-9.]+) dB", stdout, re.MULTILINE)
     assert len(sqnr) == 2, stdout
     assert f"accuracy on {RUN_SAMPLES} evaluation samples" in stdout
     for _, value in sqnr:
@@ -207,6 +208,16 @@ def test_compile_input_shape_fixes_a_symbolic_batch(zoo, tmp_path, capsys):
     assert "input 'input' dim 0 'N' fixed to 1" in captured.out
     program = load_program(out / "model.qir")
     assert list(program.tensors["input"].shape) == [1, 3, 16, 16]
+
+
+def test_compile_batch_size_fixes_a_symbolic_batch(zoo, tmp_path, capsys):
+    path = tmp_path / "dynamic_batch.onnx"
+    model_zoo.save_model(_with_input_dim_param(zoo["model"], 0, "N"), path)
+    out = tmp_path / "out"
+    rc = main(["compile", str(path), "--calib", str(zoo["calib"]), "--out", str(out), "--batch-size", "1"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert list(load_program(out / "model.qir").tensors["input"].shape) == [1, 3, 16, 16]
 
 
 def test_compile_symbolic_non_batch_dim_needs_input_shape(zoo, tmp_path, capsys):
@@ -575,7 +586,7 @@ def test_compile_refuses_external_data_outside_the_model_folder(zoo, tmp_path, c
 def _python_m(args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "compiler.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_process_exit_code_and_no_traceback_for_a_non_onnx_file(zoo, tmp_path):
@@ -593,3 +604,27 @@ def test_process_lists_every_unsupported_node_on_one_line(zoo, tmp_path):
     proc = _python_m(["compile", str(model), "--calib", str(calib), "--out", str(out)])
     _assert_user_error(proc.returncode, proc.stdout, proc.stderr, *expected)
     _assert_nothing_written(out)
+
+
+# ------------------------------------------------------------------- file-system errors (OSError)
+
+
+def test_compile_out_below_a_file(zoo, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc = main(["compile", str(zoo["path"]), "--calib", str(zoo["calib"]), "--out", str(blocker / "out")])
+    captured = capsys.readouterr()
+    _assert_user_error(rc, captured.out, captured.err, str(blocker))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_run_output_that_is_a_folder(zoo, compiled, tmp_path, capsys):
+    x = tmp_path / "x.npz"
+    np.savez(x, input=zoo["eval_data"]["input"])
+    taken = tmp_path / "y.npz"
+    taken.mkdir()
+    rc = main(["run", str(compiled["qir"]), "--input", str(x), "--output", str(taken)])
+    captured = capsys.readouterr()
+    _assert_user_error(rc, captured.out, captured.err, "y.npz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npz", "y.npz"]  # no temporary file left
+    assert list(taken.iterdir()) == []
