@@ -28,6 +28,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from compiler.calibration_data import model_input_specs
+
 OPSET = 13
 IR_VERSION = 8  # the lowest IR version that opset 13 allows; read by every onnxruntime since 1.10
 BN_SAMPLES = 64  # image-like samples the BatchNormalization statistics are measured on
@@ -327,16 +329,11 @@ def calibration_samples(model: onnx.ModelProto, n: int, seed: int = 0) -> dict[s
     replaces the model's batch axis), keyed by input name. 4-D float inputs get smooth NCHW
     images; other float inputs get smooth sequences along the last axis."""
     rng = np.random.default_rng(seed)
-    inits = {i.name for i in model.graph.initializer}
     feeds = {}
-    for inp in model.graph.input:
-        if inp.name in inits:
-            continue
-        tt = inp.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim][1:]
-        if any(d is None for d in dims):
-            raise ValueError(f"input '{inp.name}' has a symbolic non-batch dimension: {dims}")
-        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+    for name, (shape, dtype) in model_input_specs(model).items():
+        dims = list(shape[1:])
+        if any(not isinstance(d, int) for d in dims):
+            raise ValueError(f"input '{name}' has a symbolic non-batch dimension: {dims}")
         if len(dims) == 3 and np.issubdtype(dtype, np.floating):
             x = _image_like(rng, n, *dims)
         elif np.issubdtype(dtype, np.floating):
@@ -345,7 +342,7 @@ def calibration_samples(model: onnx.ModelProto, n: int, seed: int = 0) -> dict[s
             x = _image_like(rng, n, 1, flat, last).reshape((n, *dims))
         else:
             x = rng.integers(0, 10, size=(n, *dims))
-        feeds[inp.name] = x.astype(dtype)
+        feeds[name] = x.astype(dtype)
     return feeds
 
 
