@@ -50,6 +50,7 @@ from .graph import (
     GraphIndex,
     TensorInfo,
     add_initializer,
+    drop_stale_value_info,
     all_names,
     drop_unused_initializers,
     get_attr,
@@ -101,6 +102,7 @@ class FoldBatchNorm(GraphPass):
                 kind = self._replace(model, bn, index, info, s, t, taken, opset)
                 notes.append(f"BatchNormalization '{bn.name}' -> {kind}: {reason}")
         drop_unused_initializers(model, replaced)
+        drop_stale_value_info(model.graph)  # the folded BatchNorm outputs no longer exist
         changes = []
         if folded:
             detail = ", ".join(f"{n} into {op}" for op, n in sorted(folded.items()))

@@ -10,6 +10,7 @@ import onnx
 
 from .base import GraphPass, PassResult
 from .graph import (
+    drop_stale_value_info,
     GraphIndex,
     node_reads,
     remove_initializers,
@@ -163,12 +164,7 @@ class RemoveDeadCode(GraphPass):
         unused = {name for name in inits if name not in live}
         remove_initializers(model, unused)
 
-        existing = live | {i.name for i in graph.input}
-        stale = [vi for vi in graph.value_info if vi.name not in existing]
-        if stale:
-            keep = [vi for vi in graph.value_info if vi.name in existing]
-            del graph.value_info[:]
-            graph.value_info.extend(keep)
+        stale = drop_stale_value_info(graph)
 
         changes = []
         if dead:
@@ -176,7 +172,7 @@ class RemoveDeadCode(GraphPass):
         if unused:
             changes.append(f"removed {len(unused)} unused initializers")
         if stale:
-            changes.append(f"dropped {len(stale)} stale value_info")
+            changes.append(f"dropped {stale} stale value_info")
         return PassResult(model, bool(changes), changes)
 
     def ensures(self, model: onnx.ModelProto) -> None:

@@ -345,3 +345,16 @@ def drop_unused_initializers(model: onnx.ModelProto, candidates: set[str]) -> se
     doomed = {name for name in candidates if name in index.initializers and not index.uses(name)}
     remove_initializers(model, doomed)
     return doomed
+
+
+def drop_stale_value_info(graph: onnx.GraphProto) -> int:
+    """Remove value_info entries of tensors that no node, input or initializer defines any more;
+    return how many were dropped."""
+    existing = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    existing |= {i.name for i in graph.initializer}
+    keep = [vi for vi in graph.value_info if vi.name in existing]
+    dropped = len(graph.value_info) - len(keep)
+    if dropped:
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
+    return dropped
