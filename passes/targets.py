@@ -43,18 +43,8 @@ class TargetPreset:
     requant_rounding: str = "half_up"
 
     @property
-    def accumulator_dtype(self) -> str:
-        return "int64" if max(self.weight_bits, self.activation_bits) > 8 else "int32"
-
-    @property
     def shift_only(self) -> bool:
         return self.multiplier_bits == 0
-
-    def signed_dtype(self, bits: int) -> str:
-        return f"int{bits}"
-
-    def unsigned_dtype(self, bits: int) -> str:
-        return f"uint{bits}"
 
 
 TARGETS: dict[str, TargetPreset] = {
