@@ -23,6 +23,9 @@ from runtime.fixed_point import quantize_multiplier
 from runtime.ir import Layer, Program, TensorInfo
 
 from .errors import CompileError
+from .lower_arith_ops import ArithmeticOpLowering
+from .lower_float import FloatFallbackLowering
+from .lower_shape_ops import ShapeOpLowering
 
 # Multiplier width for layers without weights (pooling divisors) on shift-only targets, where
 # the ratio s_x / (s_y * count) is not a power of two.
@@ -134,8 +137,12 @@ def _window_counts(size: int, out: int, k: int, s: int, d: int, pad_begin: int, 
     return ((start >= lower) & (start < upper)).sum(axis=1)
 
 
-class Lowering:
-    """Lower every layer group; ``run()`` returns the Program."""
+class Lowering(ShapeOpLowering, ArithmeticOpLowering, FloatFallbackLowering):
+    """Lower every layer group; ``run()`` returns the Program.
+
+    The methods ``_lower_<op type lowercased>`` are the per-op rules; the families of ops beyond
+    the core (shape ops, arithmetic and lookup-table ops, float fallback) live in mixins, one
+    module each."""
 
     def __init__(self, model: onnx.ModelProto, plan: LayerPlan, qparams: QParamTable, target: TargetPreset,
                  metadata: dict[str, str] | None = None):

@@ -30,6 +30,8 @@ SUPPORTED_OPS: dict[str, str] = {
     "Reshape": "inherit",
     "Relu": "inherit",
     "Clip": "inherit",
+    # --- data-movement ops (issue 4; lowered in compiler/lower_shape_ops.py) ---
+    # --- arithmetic and lookup-table ops (issue 4; lowered in compiler/lower_arith_ops.py) ---
 }
 
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")

@@ -262,3 +262,10 @@ KERNELS = {
     "clamp": clamp,
     "requantize": requantize_op,
 }
+
+# Op families kept in their own modules (imported last: they use the helpers above).
+from .kernels_arith import KERNELS as _ARITH_KERNELS  # noqa: E402
+from .kernels_shape import KERNELS as _SHAPE_KERNELS  # noqa: E402
+
+KERNELS.update(_SHAPE_KERNELS)
+KERNELS.update(_ARITH_KERNELS)
