@@ -2,43 +2,104 @@
 in onnxruntime over the calibration set, batch by batch.
 
 Two halves, as torch.ao.quantization's observers split collecting from computing:
-- pure numpy observers with fixed-size state (``MinMaxObserver``, ``StreamingHistogram``,
-  ``PercentileObserver``): ``update(x)`` folds a batch in and forgets it, ``range()`` computes;
-- ``collect_ranges``: one onnxruntime session of a copy of the model whose graph outputs are the
-  requested tensors, fed one batch at a time. Nothing is kept between batches but the observers'
-  state, so memory does not grow with the number of samples.
+- observers with fixed-size state, updated in place per batch: ``MinMaxObserver`` (running min
+  and max) and ``AbsHistogram`` (a histogram of |x| whose range doubles as the data grows); the
+  range estimators that read a histogram are pure functions in ``compiler.range_estimators``;
+- ``collect_ranges``: ONE onnxruntime session of a copy of the model in which every requested
+  tensor feeds a ReduceMin, a ReduceMax and a ReduceSum (the sum only to catch NaN, which
+  onnxruntime's ReduceMin/ReduceMax skip); those scalars, plus the tensors themselves for the
+  histogram methods, are the graph outputs. It is fed a batch at a time and nothing is kept
+  between batches but the observers' state, so memory does not grow with the number of samples.
 
-onnxruntime runs with its default graph optimisations; a tensor that is a graph output is never
-fused away, so every requested tensor is produced as the model defines it.
+onnxruntime runs with its default graph optimisations; a tensor read by an added node or made a
+graph output is never fused away, so every requested tensor is produced as the model defines it.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Union
+import sys
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import helper
 
 from passes.graph import graph_input_names
 
+from . import range_estimators
 from .calibration_data import CalibrationSet
 from .errors import CompileError
 
-METHODS = ("minmax", "percentile")
+METHODS = ("minmax", "percentile", "entropy", "mse")
+MAX_BINS = 1 << 15  # bin indices are sorted as uint16, and the bin count itself must fit
 
 
 @dataclass(frozen=True)
 class TensorRange:
-    """The calibrated range of one tensor, and the estimator that gave it."""
+    """The calibrated range of one tensor, and the estimator that gave it.
+
+    For the histogram methods (percentile, entropy, mse), ``min`` and ``max`` are the estimate for
+    a grid of ``qmax`` steps on |x| (the 8-bit type the tensor would get: 255 for a non-negative
+    tensor, 127 otherwise), and ``histogram`` is kept so that ``for_grid`` can estimate again for
+    another grid (a 16-bit layer, a target without unsigned types) and power-of-2 targets can
+    compare exponents (``compiler.scales.activation_qparams``)."""
 
     min: float
     max: float
     method: str
+    histogram: AbsHistogram | None = field(default=None, compare=False, repr=False)
+    qmax: int | None = field(default=None, compare=False, repr=False)
+    percentile: float = field(default=99.99, compare=False, repr=False)
+
+    def for_grid(self, qmax: int) -> TensorRange:
+        """This range as estimated for a grid with ``qmax`` steps on |x| (itself when it has no
+        histogram, or was estimated for that grid already)."""
+        if self.histogram is None or qmax == self.qmax:
+            return self
+        lo, hi = estimate_range(self.histogram, self.method, qmax, self.percentile)
+        return replace(self, min=lo, max=hi, qmax=qmax)
+
+
+def default_qmax(non_negative: bool, bits: int = 8) -> int:
+    """Steps on |x| of the grid ``compiler.scales`` gives a tensor: 2^bits - 1 when it is
+    non-negative (unsigned type), 2^(bits - 1) - 1 otherwise (symmetric signed type)."""
+    return (1 << bits) - 1 if non_negative else (1 << (bits - 1)) - 1
+
+
+def estimate_range(hist: AbsHistogram, method: str, qmax: int,
+                   percentile: float = 99.99) -> tuple[float, float]:
+    """(lo, hi) = (max(min, -T), min(max, T)) for the threshold T that ``method`` picks on the
+    |x| histogram, T <= max|x|. The sign of lo is the sign of the data's minimum, so a
+    non-negative tensor stays non-negative, and max(|lo|, |hi|) = T."""
+    counts, width = hist.counts, hist.bin_width
+    if method in ("entropy", "mse") and hist.zeros:
+        # Exact zeros (ReLU outputs: often half the values) are exact on every grid: they carry
+        # no error and say nothing about T. Left in bin 0 they would count as spread over
+        # [0, w), and in the KL method their spike in group 0 favours T = levels * w, where
+        # every group is a single bin and merging costs nothing.
+        counts = counts.copy()
+        counts[0] -= hist.zeros
+    if method == "percentile":
+        threshold = range_estimators.percentile_threshold(counts, width, percentile)
+    elif method == "entropy":
+        threshold = range_estimators.entropy_threshold(counts, width, qmax + 1)
+    elif method == "mse":
+        threshold = range_estimators.mse_threshold(counts, width, qmax)
+    else:
+        raise ValueError(f"method '{method}' does not read a histogram")
+    threshold = min(threshold, hist.peak)
+    return max(hist.min, -threshold), min(hist.max, threshold)
 
 
 # --------------------------------------------------------------------------- observers (pure numpy)
+
+
+def _check_finite(lo: float, hi: float, x: np.ndarray | None = None) -> None:
+    if math.isfinite(lo) and math.isfinite(hi):
+        return
+    bad = "" if x is None else f"{int(np.count_nonzero(~np.isfinite(x)))} "
+    raise ValueError(f"{bad}non-finite value(s)")
 
 
 class MinMaxObserver:
@@ -53,12 +114,15 @@ class MinMaxObserver:
         x = np.asarray(x)
         if x.size == 0:
             return
-        lo, hi = x.min(), x.max()
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            raise ValueError(f"{int(np.count_nonzero(~np.isfinite(x)))} non-finite value(s)")
-        self.min = min(self.min, float(lo))
-        self.max = max(self.max, float(hi))
-        self.count += x.size
+        lo, hi = float(x.min()), float(x.max())
+        _check_finite(lo, hi, x)
+        self.add(lo, hi, x.size)
+
+    def add(self, lo: float, hi: float, count: int) -> None:
+        """Fold in a batch summarised by its minimum, maximum and number of values."""
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
+        self.count += count
 
     def range(self) -> tuple[float, float]:
         if self.count == 0:
@@ -66,88 +130,99 @@ class MinMaxObserver:
         return self.min, self.max
 
 
-class StreamingHistogram:
-    """Counts of all values seen, over the symmetric range [-R, R) in ``num_bins`` equal bins,
-    plus the exact min, max and count.
+class _Scratch:
+    """Grow-only work buffers shared by the histograms of one calibration run: the buffers are
+    reused batch after batch instead of fresh arrays (whose first touch costs page faults)."""
+
+    def __init__(self):
+        self._buffers: dict[np.dtype, np.ndarray] = {}
+
+    def get(self, n: int, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        buf = self._buffers.get(dtype)
+        if buf is None or buf.size < n:
+            buf = self._buffers[dtype] = np.empty(max(n, 1024), dtype)
+        return buf[:n]
+
+
+class AbsHistogram:
+    """Counts of |x| over [0, R) in ``num_bins`` equal bins of width w = R / num_bins, plus the
+    exact min, max and count of x and the number of exact zeros.
 
     R is a power of two, set by the first batch to the smallest one above max|x|. When a later
-    batch reaches R, R doubles (as often as needed) and neighbouring bins are merged pairwise into
-    the centre half. With ``num_bins`` and R powers of two, bin width w = 2R/num_bins is a power
-    of two, so a value's bin ``floor(x / w) + num_bins/2`` is computed exactly and
-    ``floor(floor(x / w) / 2) = floor(x / 2w)``: the merged counts equal a histogram computed
-    directly over the final range; nothing is re-read. Bins never straddle 0, so the bins of a
-    non-negative tensor start at 0. Memory: ``num_bins`` int64 counts, whatever the data size.
+    batch reaches R, R doubles (as often as needed) and bins (2j, 2j + 1) merge into bin j. With
+    ``num_bins`` and R powers of two, 1/w is a power of two, so |x| / w is exact in floating point
+    and ``floor(floor(|x| / w) / 2) = floor(|x| / 2w)``: the merged counts equal a histogram
+    computed directly over the final range; nothing is re-read. Memory: ``num_bins`` int64 counts
+    whatever the data size. Values are binned in float32 (float64 for other input types).
+
+    A batch is counted without a per-value Python loop and without ``np.bincount`` (which casts
+    to int64 and checks bounds, ~3 ns a value): bin indices are written as uint16 into a reused
+    buffer, sorted in place (numpy's vectorised sort of 16-bit integers, < 1 ns a value here) and
+    the counts read off with ``searchsorted`` at the bin boundaries.
     """
 
     def __init__(self, num_bins: int = 2048):
-        if num_bins < 4 or num_bins & (num_bins - 1):
-            raise ValueError(f"num_bins must be a power of two >= 4, got {num_bins}")
+        if num_bins < 4 or num_bins > MAX_BINS or num_bins & (num_bins - 1):
+            raise ValueError(f"num_bins must be a power of two in 4..{MAX_BINS}, got {num_bins}")
         self.num_bins = num_bins
         self.counts = np.zeros(num_bins, dtype=np.int64)
         self.bound = 0.0  # R; 0 until the first non-empty batch
         self.min = math.inf
         self.max = -math.inf
         self.total = 0
+        self.zeros = 0  # values exactly 0 (counted in bin 0 too)
+        self._needles = np.arange(num_bins + 1, dtype=np.uint16)
 
     @property
     def bin_width(self) -> float:
-        return 2.0 * self.bound / self.num_bins
+        return self.bound / self.num_bins
+
+    @property
+    def peak(self) -> float:
+        """max|x| over everything seen."""
+        return max(-self.min, self.max, 0.0)
 
     def edges(self) -> np.ndarray:
-        """The num_bins + 1 bin edges, -R .. R."""
-        return -self.bound + self.bin_width * np.arange(self.num_bins + 1)
+        """The num_bins + 1 bin edges, 0 .. R."""
+        return self.bin_width * np.arange(self.num_bins + 1)
 
-    def update(self, x: np.ndarray) -> None:
-        x = np.asarray(x, dtype=np.float64).ravel()  # exact for float32 (and integer) tensors
+    def update(self, x: np.ndarray, lo: float | None = None, hi: float | None = None,
+               scratch: _Scratch | None = None) -> None:
+        """Fold in a batch; ``lo`` and ``hi`` are its min and max when already known."""
+        x = np.asarray(x)
         if x.size == 0:
             return
-        lo, hi = float(x.min()), float(x.max())
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueError(f"{int(np.count_nonzero(~np.isfinite(x)))} non-finite value(s)")
-        peak = max(-lo, hi)
+        if lo is None or hi is None:
+            lo, hi = float(x.min()), float(x.max())
+        _check_finite(lo, hi, x)
+        peak = max(-lo, hi, 0.0)
         if self.bound == 0.0:
             self.bound = _power_of_two_above(peak)
         while peak >= self.bound:
             self._double()
-        scale = self.num_bins / (2.0 * self.bound)  # 1/w, a power of two: x * scale is exact
-        idx = np.floor(x * scale).astype(np.int64) + self.num_bins // 2
-        self.counts += np.bincount(idx, minlength=self.num_bins)
+        self.counts += self._count(x, scratch or _Scratch())
         self.min = min(self.min, lo)
         self.max = max(self.max, hi)
         self.total += x.size
 
+    def _count(self, x: np.ndarray, scratch: _Scratch) -> np.ndarray:
+        n = x.size
+        work = scratch.get(n, np.float32 if x.dtype in (np.float32, np.float16) else np.float64)
+        np.abs(x.reshape(-1), out=work)
+        self.zeros += n - int(np.count_nonzero(work))
+        np.multiply(work, self.num_bins / self.bound, out=work)  # |x| / w: exact, < num_bins
+        index = scratch.get(n, np.uint16)
+        np.copyto(index, work, casting="unsafe")  # truncation = floor for values >= 0
+        index.sort()
+        return np.diff(np.searchsorted(index, self._needles))
+
     def _double(self) -> None:
-        """R -> 2R: bins (2j, 2j+1) become bin num_bins/4 + j."""
-        quarter = self.num_bins // 4
-        merged = self.counts.reshape(-1, 2).sum(axis=1)
-        self.counts = np.zeros_like(self.counts)
-        self.counts[quarter:quarter + merged.size] = merged
+        """R -> 2R: bins (2j, 2j+1) become bin j."""
+        half = self.num_bins // 2
+        self.counts[:half] = self.counts.reshape(-1, 2).sum(axis=1)
+        self.counts[half:] = 0
         self.bound *= 2.0
-
-    def percentile_range(self, p: float) -> tuple[float, float]:
-        """The (100 - p)th and p-th percentiles, each rounded outwards to its bin's edge and kept
-        within [min, max].
-
-        With n values sorted as x_0 <= ... <= x_(n-1), h = (n - 1) p / 100 as numpy computes it:
-        the upper end is the top edge of the bin holding x_ceil(h) (numpy's method="higher"), the
-        lower end the bottom edge of the bin holding x_floor(h') for h' = (n - 1)(100 - p) / 100
-        (method="lower"). So  higher <= hi <= higher + w  and  lower - w <= lo <= lower, with w
-        the bin width (w < 4 max|x| / num_bins); a non-negative tensor gets lo >= 0.
-        """
-        if not 50.0 <= p <= 100.0:
-            raise ValueError(f"percentile must be in [50, 100], got {p}")
-        if self.total == 0:
-            raise ValueError("no values observed")
-        last = self.total - 1
-        rank_hi = min(last, int(np.ceil(last * (np.float64(p) / 100))))
-        rank_lo = max(0, int(np.floor(last * ((100 - np.float64(p)) / 100))))
-        cumulative = np.cumsum(self.counts)
-        bin_hi = int(np.searchsorted(cumulative, rank_hi + 1))  # first bin with count > rank
-        bin_lo = int(np.searchsorted(cumulative, rank_lo + 1))
-        w = self.bin_width
-        hi = min(-self.bound + (bin_hi + 1) * w, self.max)
-        lo = max(-self.bound + bin_lo * w, self.min)
-        return lo, hi
 
 
 def _power_of_two_above(x: float) -> float:
@@ -158,37 +233,15 @@ def _power_of_two_above(x: float) -> float:
     return math.ldexp(1.0, exponent)
 
 
-class PercentileObserver:
-    """A ``StreamingHistogram`` read out at the p-th and (100 - p)-th percentiles."""
-
-    def __init__(self, percentile: float = 99.99, num_bins: int = 2048):
-        if not 50.0 <= percentile <= 100.0:
-            raise ValueError(f"percentile must be in [50, 100], got {percentile}")
-        self.percentile = percentile
-        self.histogram = StreamingHistogram(num_bins)
-
-    def update(self, x: np.ndarray) -> None:
-        self.histogram.update(x)
-
-    def range(self) -> tuple[float, float]:
-        return self.histogram.percentile_range(self.percentile)
-
-
-Observer = Union[MinMaxObserver, PercentileObserver]
-
-
-def make_observer_factory(method: str, percentile: float = 99.99,
-                          num_bins: int = 2048) -> Callable[[], Observer]:
-    """A function making a fresh observer for ``method``; checks the options once, up front."""
-    if method == "minmax":
-        return MinMaxObserver
-    if method == "percentile":
-        try:
-            PercentileObserver(percentile, num_bins)
-        except ValueError as e:
-            raise CompileError(f"calibration method 'percentile': {e}") from None
-        return lambda: PercentileObserver(percentile, num_bins)
-    raise CompileError(f"unknown calibration method '{method}' (known: {', '.join(METHODS)})")
+def _check_options(method: str, percentile: float, num_bins: int) -> None:
+    if method not in METHODS:
+        raise CompileError(f"unknown calibration method '{method}' (known: {', '.join(METHODS)})")
+    if method == "percentile" and not 50.0 <= percentile <= 100.0:
+        raise CompileError(f"calibration method 'percentile': percentile must be in [50, 100], "
+                           f"got {percentile}")
+    if method != "minmax" and (num_bins < 4 or num_bins > MAX_BINS or num_bins & (num_bins - 1)):
+        raise CompileError(f"calibration method '{method}': num_bins must be a power of two in "
+                           f"4..{MAX_BINS}, got {num_bins}")
 
 
 # --------------------------------------------------------------------------- onnxruntime plumbing
@@ -196,15 +249,20 @@ def make_observer_factory(method: str, percentile: float = 99.99,
 
 def collect_ranges(model: onnx.ModelProto, tensor_names: list[str], data: CalibrationSet,
                    method: str = "minmax", percentile: float = 99.99, batch_size: int = 1,
-                   num_bins: int = 2048) -> dict[str, TensorRange]:
+                   num_bins: int = 2048, progress: bool | None = None,
+                   activation_bits: int = 8) -> dict[str, TensorRange]:
     """The range of each named tensor (node outputs and graph inputs) over all calibration samples.
 
-    ``method="minmax"``: running min and max. ``method="percentile"``: the (100 - percentile)th and
-    percentile-th percentiles from a ``StreamingHistogram`` of ``num_bins`` bins. A batch of
-    ``batch_size`` samples is run at a time (the model's batch axis is made symbolic for sizes
-    above 1, so a model that hard-codes batch 1 inside, e.g. in a Reshape, needs batch_size=1).
+    ``method="minmax"``: running min and max. The histogram methods keep an ``AbsHistogram`` of
+    ``num_bins`` bins per tensor and estimate a threshold T on it (``estimate_range``):
+    "percentile" (the ``percentile``-th percentile of |x|), "entropy" (TensorRT's KL divergence),
+    "mse" (least expected quantization error), for the ``activation_bits`` grid the tensor would
+    get. A batch of ``batch_size`` samples is run at a time (the model's batch axis is made
+    symbolic for sizes above 1, so a model that hard-codes batch 1 inside, e.g. in a Reshape,
+    needs batch_size=1). ``progress``: a progress bar on stderr (None: only when stderr is a
+    terminal).
     """
-    new_observer = make_observer_factory(method, percentile, num_bins)
+    _check_options(method, percentile, num_bins)
     names = list(dict.fromkeys(tensor_names))
     inputs = graph_input_names(model)
     if sorted(data.input_names) != sorted(inputs):
@@ -212,37 +270,82 @@ def collect_ranges(model: onnx.ModelProto, tensor_names: list[str], data: Calibr
     _check_names(model, names, inputs)
     from_feed = [n for n in names if n in inputs]
     from_run = [n for n in names if n not in inputs]
-    session = _session_with_outputs(model, from_run, batch_size) if from_run else None
+    histograms = method != "minmax"
+    session = _CalibrationSession(model, from_run, batch_size, histograms) if from_run else None
 
-    observers = {n: new_observer() for n in names}
+    minmax = {n: MinMaxObserver() for n in names}
+    hists = {n: AbsHistogram(num_bins) for n in names} if histograms else {}
+    scratch = _Scratch()
     first = 0
-    for feeds in data.batches(batch_size):
-        count = len(next(iter(feeds.values())))
-        where = f"calibration samples {first}..{first + count - 1}"
-        values = list(zip(from_feed, (feeds[n] for n in from_feed)))
-        if session is not None:
-            try:
-                values += zip(from_run, session.run(from_run, feeds))
-            except Exception as e:  # onnxruntime's own exception types are not public
-                hint = " (try batch_size=1)" if batch_size > 1 else ""
-                raise CompileError(f"onnxruntime failed on {where}{hint}: {e}") from None
-        for name, value in values:
-            try:
-                observers[name].update(value)
-            except ValueError as e:
-                raise CompileError(f"tensor '{name}' on {where}: {e}; it cannot be quantized "
-                                   f"(check the model and the calibration data)") from None
-        del values, feeds  # the outputs of one batch are all that is ever held
-        first += count
+    with _progress_bar(data, progress) as bar:
+        for feeds in data.batches(batch_size):
+            count = len(next(iter(feeds.values())))
+            where = f"calibration samples {first}..{first + count - 1}"
+            stats = [(n, feeds[n], None, None) for n in from_feed]
+            if session is not None:
+                stats += session.run(feeds, where)
+            for name, x, lo, hi in stats:
+                if x is not None and x.size == 0:
+                    continue
+                try:
+                    if lo is None:
+                        lo, hi = float(np.min(x)), float(np.max(x))
+                        _check_finite(lo, hi, x)
+                    minmax[name].add(lo, hi, 1)
+                    if histograms:
+                        hists[name].update(x, lo, hi, scratch)
+                except ValueError as e:
+                    raise CompileError(f"tensor '{name}' on {where}: {e}; it cannot be quantized "
+                                       f"(check the model and the calibration data)") from None
+            del stats, feeds  # the outputs of one batch are all that is ever held
+            first += count
+            bar.update(count)
 
     ranges = {}
     for name in names:
         try:
-            lo, hi = observers[name].range()
+            lo, hi = minmax[name].range()
         except ValueError as e:
             raise CompileError(f"tensor '{name}': {e} (it is empty on every sample)") from None
-        ranges[name] = TensorRange(lo, hi, method)
+        if not histograms:
+            ranges[name] = TensorRange(lo, hi, method)
+            continue
+        hist = hists[name]
+        qmax = default_qmax(lo >= 0, activation_bits)
+        est_lo, est_hi = estimate_range(hist, method, qmax, percentile)
+        ranges[name] = TensorRange(est_lo, est_hi, method, hist, qmax, percentile)
     return ranges
+
+
+class _NullBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _progress_bar(data: CalibrationSet, progress: bool | None):
+    """A tqdm bar over samples on stderr: on when asked, off when asked, and when ``progress`` is
+    None only if stderr is a terminal."""
+    if progress is False or (progress is None and not _isatty(sys.stderr)):
+        return _NullBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bar is a convenience; calibration works without it
+        return _NullBar()
+    return tqdm(total=data.num_samples, desc="calibrating", unit="sample", file=sys.stderr,
+                leave=False, disable=False)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _check_names(model: onnx.ModelProto, names: list[str], inputs: list[str]) -> None:
@@ -265,12 +368,15 @@ def _check_names(model: onnx.ModelProto, names: list[str], inputs: list[str]) ->
     raise CompileError("cannot calibrate: " + "; ".join(parts))
 
 
-def _session_with_outputs(model: onnx.ModelProto, outputs: list[str],
-                          batch_size: int) -> ort.InferenceSession:
-    """One session of a copy of ``model`` whose graph outputs are exactly ``outputs``."""
+def _session_with_outputs(model: onnx.ModelProto, outputs: list[str], batch_size: int,
+                          extra_nodes: list[onnx.NodeProto] = (),
+                          extra_types: dict[str, int] | None = None) -> ort.InferenceSession:
+    """One session of a copy of ``model`` (plus ``extra_nodes``) whose graph outputs are exactly
+    ``outputs``."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     types = _element_types(m)
+    types.update(extra_types or {})
     if batch_size > 1:
         # The samples' axis replaces the batch axis: make it symbolic, and drop recorded shapes
         # (they say batch 1) so that onnxruntime infers them again.
@@ -280,6 +386,7 @@ def _session_with_outputs(model: onnx.ModelProto, outputs: list[str],
                 shape.dim[0].Clear()
                 shape.dim[0].dim_param = "calibration_batch"
         del m.graph.value_info[:]
+    m.graph.node.extend(extra_nodes)
     del m.graph.output[:]
     for name in outputs:
         vi = m.graph.output.add()
@@ -289,16 +396,86 @@ def _session_with_outputs(model: onnx.ModelProto, outputs: list[str],
     try:
         return ort.InferenceSession(m.SerializeToString(), ort.SessionOptions(),
                                     providers=["CPUExecutionProvider"])
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (onnxruntime raises several types)
         raise CompileError(f"onnxruntime cannot load model graph '{model.graph.name}' for "
                            f"calibration: {e}") from None
+
+
+class _CalibrationSession:
+    """The calibration run: for each requested tensor t, the graph computes ReduceMin(t),
+    ReduceMax(t) and ReduceSum(t) over all its axes (scalars; ``keep_tensors`` adds t itself).
+    onnxruntime's ReduceMin/ReduceMax skip NaN, so a sum that is not finite sends that tensor
+    to the exact numpy path (``run`` then returns the tensor, fetched by a second session when it
+    is not an output already); the sum is never used otherwise."""
+
+    def __init__(self, model: onnx.ModelProto, tensors: list[str], batch_size: int,
+                 keep_tensors: bool):
+        self.model, self.tensors, self.batch_size = model, tensors, batch_size
+        self.keep_tensors = keep_tensors
+        graph = model.graph
+        taken = {n.name for n in graph.node} | {o for n in graph.node for o in n.output}
+        taken |= {i.name for i in graph.input} | {i.name for i in graph.initializer}
+        types = _element_types(model)
+        nodes, outputs, extra_types = [], [], {}
+        self._stats: list[tuple[str, str, str]] = []
+        for t in tensors:
+            names = []
+            for op in ("ReduceMin", "ReduceMax", "ReduceSum"):
+                name = _fresh(f"{t}/qlower_calibration_{op}", taken)
+                nodes.append(helper.make_node(op, [t], [name], name=name, keepdims=0))
+                names.append(name)
+                if t in types:
+                    extra_types[name] = types[t]
+            self._stats.append(tuple(names))
+            outputs += names
+        if keep_tensors:
+            outputs += tensors
+        self.output_names = outputs
+        self.session = _session_with_outputs(model, outputs, batch_size, nodes, extra_types)
+        self._fallback: ort.InferenceSession | None = None
+
+    def run(self, feeds: dict[str, np.ndarray], where: str):
+        """[(tensor, values or None, min or None, max)] for one batch; min is None where the
+        tensor is returned for numpy to check."""
+        try:
+            results = self.session.run(self.output_names, feeds)
+        except Exception as e:  # noqa: BLE001 (onnxruntime's exception types are not public)
+            hint = " (try batch_size=1)" if self.batch_size > 1 else ""
+            raise CompileError(f"onnxruntime failed on {where}{hint}: {e}") from None
+        k = len(self.tensors)
+        kept = results[3 * k:] if self.keep_tensors else [None] * k
+        stats = []
+        for j, name in enumerate(self.tensors):
+            lo, hi, total = (float(v) for v in results[3 * j:3 * j + 3])
+            x = kept[j]
+            if lo > hi:  # an empty tensor: min of nothing is +inf, max of nothing -inf
+                continue
+            if not (math.isfinite(lo) and math.isfinite(hi) and math.isfinite(total)):
+                stats.append((name, x if x is not None else self._fetch(name, feeds), None, None))
+            else:
+                stats.append((name, x, lo, hi))
+        return stats
+
+    def _fetch(self, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        if self._fallback is None:
+            self._fallback = _session_with_outputs(self.model, self.tensors, self.batch_size)
+        return self._fallback.run([name], feeds)[0]
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    candidate, k = name, 0
+    while candidate in taken:
+        k += 1
+        candidate = f"{name}_{k}"
+    taken.add(candidate)
+    return candidate
 
 
 def _element_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor whose type the model records or shape inference finds."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # a model shape inference cannot handle still runs; types may be missing
+    except Exception:  # noqa: BLE001 (a model shape inference cannot handle still runs)
         inferred = model
     types = {}
     g = inferred.graph

@@ -30,15 +30,51 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile MODEL.onnx to DIR/model.qir and DIR/model.qdq.onnx")
     c.add_argument("model", help="float ONNX model")
     c.add_argument("--target", default="mmav2", choices=["mmav2", "mmav1"])
-    c.add_argument("--calib", required=True, help=".npz with one array per model input (samples on axis 0)")
+    c.add_argument("--calib", help=".npz with one array per model input (samples on axis 0), a .npy, or a folder of "
+                   ".npy/.npz files or of images; optional for a pre-quantized (QDQ) model, whose scales are used as given")
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--dump-dir", help="write the ONNX model after every pass (NN_<pass>.onnx) and summary.txt here")
     c.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
                    help="fix an input's symbolic dims (repeatable)")
     c.add_argument("--batch-size", type=int, help="fix a symbolic batch dim (dim 0) of every input")
-    c.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile"])
+    c.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "entropy", "mse"],
+                   help="range estimator: min/max, a percentile of |x|, TensorRT's KL divergence, or least "
+                        "quantization MSE (the last three from a streaming histogram)")
     c.add_argument("--percentile", type=float, default=99.99)
+    c.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar (it shows only when stderr is a terminal anyway)")
+    img = c.add_argument_group("calibration images (--calib FOLDER of images; TIDL's input_mean / input_scale)")
+    img.add_argument("--mean", metavar="M[,M,M]", help="per-channel mean subtracted from 0..255 pixels (default 0)")
+    img.add_argument("--std", metavar="S[,S,S]", help="per-channel divisor after the mean (default 1; TIDL's "
+                     "input_scale is 1/std)")
+    img.add_argument("--size", metavar="HxW", help="resize images to HxW (default: the model input's size)")
+    img.add_argument("--layout", choices=["NCHW", "NHWC"], help="model input layout (default: guessed from its shape)")
+    img.add_argument("--channel-order", choices=["rgb", "bgr"], default="rgb")
+    img.add_argument("--resize", choices=["stretch", "crop"], default="stretch",
+                     help="stretch to HxW, or scale the shorter side and take the centre crop")
     c.add_argument("--eval", metavar="DATA.npz", help="after compiling, measure accuracy on this data")
+    c.add_argument("--bits", type=int, default=8, choices=[8, 16], help="weights and activations width (16: int64 accumulation)")
+    c.add_argument("--multiplier-bits", type=int, choices=[8, 16, 31],
+                   help="mmav2 requant multiplier width (default 8, as TIDL); weight scales are nudged to fit")
+    c.add_argument("--bias-bits", type=int, choices=[16, 32], help="bias width (TDA4VM: 16)")
+    c.add_argument("--asymmetric", action="store_true", help="mmav2: asymmetric activations (zero points folded into the bias)")
+    c.add_argument("--depthwise-per-channel", action="store_true", help="mmav1: per-channel weight scales for depthwise convs")
+    c.add_argument("--16bit-layers", dest="layers_16bit", metavar="NAME,...", default="",
+                   help="ONNX node names whose outputs and weights are 16-bit (the rest 8-bit)")
+    c.add_argument("--equalize", action="store_true",
+                   help="cross-layer equalization of conv->conv pairs (ReLU or nothing between them)")
+    c.add_argument("--bias-correction", action="store_true",
+                   help="correct each layer's bias by its mean float-vs-quantized output shift on the calibration data")
+    c.add_argument("--weight-clip", type=float, metavar="SIGMAS",
+                   help="clip each weight channel to its median +- SIGMAS standard deviations before choosing scales")
+    c.add_argument("--auto-16bit", type=float, nargs="?", const=30.0, metavar="SQNR_DB",
+                   help="promote the most sensitive layers to 16 bits until the output SQNR on calibration "
+                        "samples reaches SQNR_DB (default 30)")
+    c.add_argument("--auto-16bit-budget", type=int, metavar="N", help="promote at most N layers (--auto-16bit)")
+    c.add_argument("--snap-scales", action="store_true",
+                   help="pre-quantized model: round its scales up to powers of two (mmav1) and report the largest change")
+    c.add_argument("--deny-list", metavar="OPTYPE|NAME,...", default="",
+                   help="op types or node names to run as float layers on the host (see offload.txt)")
 
     r = sub.add_parser("run", help="run a compiled program on inputs")
     r.add_argument("program", help="model.qir")
@@ -61,10 +97,19 @@ def _cmd_compile(args) -> int:
     for flag, folder in (("--out", args.out), ("--dump-dir", args.dump_dir)):
         if folder is not None and os.path.exists(folder) and not os.path.isdir(folder):
             raise CompileError(f"{flag} '{folder}' exists and is not a directory")
-    result = compile_model(args.model, target=args.target, calibration=args.calib, input_shapes=shapes or None, batch_size=args.batch_size,
-                           calib_method=args.calib_method, percentile=args.percentile, dump_dir=args.dump_dir)
+    calib = _data_source(args.calib, args) if args.calib else None
+    result = compile_model(args.model, target=args.target, calibration=calib, input_shapes=shapes or None, batch_size=args.batch_size,
+                           calib_method=args.calib_method, percentile=args.percentile, dump_dir=args.dump_dir,
+                           progress=args.progress,
+                           bits=args.bits, multiplier_bits=args.multiplier_bits, bias_bits=args.bias_bits,
+                           asymmetric=args.asymmetric, depthwise_per_channel=args.depthwise_per_channel,
+                           layers_16bit=[n for n in args.layers_16bit.split(",") if n],
+                           deny_list=[n.strip() for n in args.deny_list.split(",") if n.strip()],
+                           equalize=args.equalize, bias_correction=args.bias_correction, weight_clip=args.weight_clip,
+                           auto_16bit=args.auto_16bit, auto_16bit_budget=args.auto_16bit_budget,
+                           snap_scales=args.snap_scales)
     # Check the evaluation data before writing anything: bad --eval data must not leave outputs.
-    eval_data = load_calibration(args.eval, result.input_specs) if args.eval else None
+    eval_data = load_calibration(_data_source(args.eval, args), result.input_specs) if args.eval else None
     paths = result.save(args.out)
     print(result.report.summary())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -73,6 +118,35 @@ def _cmd_compile(args) -> int:
 
         print(evaluate(result, eval_data).text())
     return 0
+
+
+def _data_source(path: str, args):
+    """``path`` as given, or an ``ImageFolder`` when any image preprocessing option is set."""
+    from .calibration_data import ImageFolder
+
+    options = (args.mean, args.std, args.size, args.layout)
+    if all(o is None for o in options) and args.channel_order == "rgb" and args.resize == "stretch":
+        return path  # a folder of images then gets the default preprocessing (stated in the report)
+    if not os.path.isdir(path):
+        raise CompileError(f"'{path}': image options (--mean, --std, --size, --layout, --channel-order, --resize) "
+                           "need a folder of images")
+
+    def floats(text: str | None, flag: str, default: float) -> tuple[float, ...]:
+        if text is None:
+            return (default,)
+        try:
+            return tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise CompileError(f"{flag} '{text}': expected numbers separated by commas") from None
+
+    size = None
+    if args.size is not None:
+        parts = args.size.lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise CompileError(f"--size '{args.size}': expected HxW, e.g. 224x224")
+        size = (int(parts[0]), int(parts[1]))
+    return ImageFolder(path, mean=floats(args.mean, "--mean", 0.0), std=floats(args.std, "--std", 1.0), size=size,
+                       layout=args.layout, channel_order=args.channel_order, resize=args.resize)
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:

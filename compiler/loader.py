@@ -1,7 +1,7 @@
 """Stage 1, load and check: turn an ONNX file into a model the later stages can rely on.
 
 After ``load_model`` the model has passed the ONNX checker, uses only standard ONNX ops at a
-default-domain opset in [13, 23] (7..12 are upgraded to 13), has float32 inputs with static
+default-domain opset in [13, 23] (3..12 are upgraded to 13 by the version converter), has float32 inputs with static
 shapes, a static shape on every tensor (the lowering sizes every buffer), no weight listed as a
 graph input, and only finite float weights. Anything else is a ``CompileError`` naming the file,
 the node or input, and what to do.
@@ -27,7 +27,7 @@ from passes.graph import graph_input_names, opset_version
 
 from .errors import CompileError
 
-MIN_OPSET = 7
+MIN_OPSET = 3  # Caffe2-era zoo files; the version converter upgrades them
 MAX_OPSET = 23
 TARGET_OPSET = 13  # older models are upgraded to this
 _SHAPE_HELPER_OPSET = 14  # Reshape's inference reads Shape-chain values from opset 14 on
@@ -310,10 +310,14 @@ def _run_checker(model: onnx.ModelProto, where: str) -> None:
 
 
 def _upgrade_opset(model: onnx.ModelProto, where: str, notes: list[str]) -> onnx.ModelProto:
-    """Bring opsets 7..12 up to 13, so later stages see one form of Clip, Resize, Split, ..."""
+    """Bring opsets 3..12 up to 13, so later stages see one form of Clip, Resize, Split, ..."""
     version = opset_version(model)
     if version >= TARGET_OPSET:
         return model
+    # Caffe2-era files (IR 3) list every initializer as an input; the converter adds new
+    # initializers (Pad's pads, Clip's bounds) that are not, which only IR 4+ allows.
+    model.ir_version = max(model.ir_version, 4)
+    legacy_resize = _legacy_resize_modes(model, version, where)
     try:
         upgraded = version_converter.convert_version(model, TARGET_OPSET)
         onnx.checker.check_model(upgraded)
@@ -325,7 +329,42 @@ def _upgrade_opset(model: onnx.ModelProto, where: str, notes: list[str]) -> onnx
             f"re-export the model at opset {TARGET_OPSET} or newer"
         ) from exc
     notes.append(f"opset {version} upgraded to {TARGET_OPSET}")
+    for node in upgraded.graph.node:
+        if node.op_type == "Resize" and node.output[0] in legacy_resize:
+            for name, value in legacy_resize[node.output[0]].items():
+                node.attribute.append(onnx.helper.make_attribute(name, value))
     return upgraded
+
+
+def _legacy_resize_modes(model: onnx.ModelProto, version: int, where: str) -> dict[str, dict[str, str]]:
+    """Output name -> the Resize-11 attributes that keep an Upsample (opset < 10) or Resize-10
+    meaning what it meant: asymmetric coordinates, and for nearest onnxruntime's old rule
+    (truncate when upsampling = floor, ceil when downsampling). onnx's version converter leaves
+    them out, so the upgraded node would use half_pixel and round_prefer_floor instead."""
+    if version >= 11:
+        return {}
+    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    modes = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Upsample", "Resize"):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        mode = attrs.get("mode", b"nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        wanted = {"coordinate_transformation_mode": "asymmetric"}
+        if mode == "nearest":
+            scales = attrs.get("scales")
+            if scales is None and len(node.input) > 1:
+                scales = constants.get(node.input[1])
+            scales = [1.0] if scales is None else [float(v) for v in np.asarray(scales).reshape(-1)]
+            if min(scales) < 1.0 < max(scales):
+                raise CompileError(f"{where}: node '{node.name}' ({node.op_type}) mixes up- and downsampling "
+                                   f"(scales {scales}) in opset {version}'s nearest rule; re-export at opset 11 or newer")
+            wanted["nearest_mode"] = "ceil" if min(scales) < 1.0 else "floor"
+        modes[node.output[0]] = wanted
+    return modes
 
 
 def _raise_ir_version(model: onnx.ModelProto, notes: list[str]) -> None:

@@ -15,9 +15,10 @@ import numpy as np
 import onnx
 
 from passes.activation_fusion import activation_bounds
+from passes.elementwise_fusion import chain_end_of
 from passes.graph import GraphIndex, get_attr
 from passes.layer_plan import LayerGroup, LayerPlan
-from passes.qparams import QParams, QParamTable, quantize_constant
+from passes.qparams import DTYPE_RANGES, QParams, QParamTable, quantize_constant
 from passes.targets import TargetPreset
 from runtime.fixed_point import quantize_multiplier
 from runtime.ir import Layer, Program, TensorInfo
@@ -27,9 +28,6 @@ from .lower_arith_ops import ArithmeticOpLowering
 from .lower_float import FloatFallbackLowering
 from .lower_shape_ops import ShapeOpLowering
 
-# Multiplier width for layers without weights (pooling divisors) on shift-only targets, where
-# the ratio s_x / (s_y * count) is not a power of two.
-POOL_MULTIPLIER_BITS = 16
 INT64_LIMIT = 2**63
 
 
@@ -85,6 +83,89 @@ def shared_shift_multipliers(ratios: np.ndarray, bits: int) -> tuple[np.ndarray,
         k = int(k_arr[0])
         m = np.floor(ratios * 2.0**k + 0.5)
     return m.astype(np.int32), k
+
+
+def add_multipliers(ratios: np.ndarray, preset: TargetPreset) -> tuple[np.ndarray, int]:
+    """Add: (m_a, m_b) and one shift k with m_i / 2^k ~= s_i / s_y, the preset's multiplier width
+    normalizing the larger ratio (shift-only: exact powers of two)."""
+    return shared_shift_multipliers(ratios, preset.multiplier_bits)
+
+
+def concat_multipliers(ratios: np.ndarray, preset: TargetPreset) -> tuple[np.ndarray, np.ndarray]:
+    """Concat: (m_i, k_i) per input with the preset's width; an input whose ratio is exactly 1
+    (same scale as the output) passes through with m = 1, k = 0."""
+    ratios = np.asarray(ratios, np.float64)
+    m, k = choose_multipliers(ratios, preset.multiplier_bits)
+    same = ratios == 1.0
+    m[same], k[same] = 1, 0
+    return m, k
+
+
+def pool_multipliers(ratio: np.ndarray, preset: TargetPreset) -> tuple[np.ndarray, int]:
+    """Average pooling: m (shaped like ``ratio``: [1] or [H_out, W_out]) and one shift k with
+    m / 2^k ~= s_x / (s_y * D). The preset's width; on a shift-only target a power-of-2 ratio is a
+    pure shift and any other uses ``pool_multiplier_bits``."""
+    ratio = np.asarray(ratio, np.float64)
+    bits = preset.multiplier_bits
+    if preset.shift_only:
+        exps = np.log2(ratio)
+        bits = 0 if np.all(exps == np.round(exps)) else preset.pool_multiplier_bits
+    m, k = shared_shift_multipliers(ratio.reshape(-1), bits)
+    return m.reshape(ratio.shape), k
+
+
+def pool_window_attrs(node: onnx.NodeProto, in_shape: tuple[int, ...]) -> dict:
+    """IR attrs of a MaxPool/AveragePool/GlobalAveragePool (pads resolved, auto_pad included)."""
+    if node.op_type == "GlobalAveragePool":
+        return {"kernel_shape": list(in_shape[2:]), "strides": [1, 1], "pads": [0, 0, 0, 0],
+                "dilations": [1, 1], "ceil_mode": 0, "count_include_pad": 0}
+    kernel = list(get_attr(node, "kernel_shape"))
+    strides = list(get_attr(node, "strides", [1, 1]))
+    dilations = list(get_attr(node, "dilations", [1, 1]))
+    pads = explicit_pads(node, in_shape[2:], kernel, strides, dilations)
+    attrs = {"kernel_shape": kernel, "strides": strides, "pads": pads, "dilations": dilations,
+             "ceil_mode": int(get_attr(node, "ceil_mode", 0))}
+    if node.op_type == "AveragePool":
+        attrs["count_include_pad"] = int(get_attr(node, "count_include_pad", 0))
+    return attrs
+
+
+def pool_divisors(attrs: dict, in_hw, out_hw) -> np.ndarray:
+    """The divisor D of every output position [H_out, W_out] (in-bounds taps, or with the pads
+    when count_include_pad)."""
+    include_pad = bool(attrs.get("count_include_pad", 0))
+    pads = attrs["pads"]
+    counts = [_window_counts(in_hw[a], out_hw[a], attrs["kernel_shape"][a], attrs["strides"][a],
+                             attrs["dilations"][a], pads[a], pads[a + 2], include_pad) for a in range(2)]
+    return np.outer(counts[0], counts[1])
+
+
+def rescale_ratios(group: LayerGroup, table: QParamTable, preset: TargetPreset, model: onnx.ModelProto,
+                   shapes: dict | None = None) -> dict[str, np.float32]:
+    """The scale at which a layer without weights effectively reads each input, given its integer
+    multipliers: Add and Concat s_i' = m_i 2^-k_i s_y; average pooling with one divisor D
+    s_x' = m 2^-k D s_y (per-position divisors cannot be folded into one input scale: {}).
+    Scale selection puts these in ``QParamTable.consumer_scales`` so the QDQ model reads the
+    inputs as the IR's arithmetic does. Other ops: {}."""
+    op = group.op_type
+    s_y = np.float64(table[group.output].scale[0]) if group.output in table else None
+    scales = [np.float64(table[i].scale[0]) for i in group.inputs]
+    if op in ("Add", "Sub") and len(scales) == 2:  # Sub: the add rule with m_b < 0 (lower_arith_ops)
+        m, k = add_multipliers(np.array(scales) / s_y, preset)
+        return {t: np.float32(int(mi) * 2.0**-k * s_y) for t, mi in zip(group.inputs, m)}
+    if op == "Concat":
+        m, k = concat_multipliers(np.array(scales) / s_y, preset)
+        return {t: np.float32(int(mi) * 2.0 ** -int(ki) * s_y) for t, mi, ki in zip(group.inputs, m, k)}
+    if op in ("AveragePool", "GlobalAveragePool"):
+        shapes = shapes if shapes is not None else tensor_shapes(model)
+        in_shape, out_shape = shapes[group.inputs[0]], shapes[group.output]
+        divisors = pool_divisors(pool_window_attrs(group.node, in_shape), in_shape[2:], out_shape[2:])
+        if not np.all(divisors == divisors.flat[0]):
+            return {}
+        d = int(divisors.flat[0])
+        m, k = pool_multipliers(np.array([scales[0] / (s_y * d)]), preset)
+        return {group.inputs[0]: np.float32(int(m[0]) * 2.0**-k * d * s_y)}
+    return {}
 
 
 def clamp_bounds(activation: onnx.NodeProto | None, index: GraphIndex, out: QParams) -> tuple[int, int]:
@@ -158,6 +239,7 @@ class Lowering(ShapeOpLowering, ArithmeticOpLowering, FloatFallbackLowering):
             if name not in ctx.shapes:
                 raise CompileError(f"tensor '{name}' has no static shape after shape inference")
             tensors[name] = TensorInfo(name, qp.dtype, ctx.shapes[name], qp.scale, qp.zero_point, qp.axis)
+        tensors.update(self.raw_tensor_infos())  # float layers' int/bool outputs (lower_float.py)
         layers = [self.lower_group(g) for g in self.plan.groups]
         missing = [o for o in self.plan.outputs if o not in tensors]
         if missing:
@@ -165,7 +247,13 @@ class Lowering(ShapeOpLowering, ArithmeticOpLowering, FloatFallbackLowering):
         return Program(list(self.plan.inputs), list(self.plan.outputs), tensors, layers, self.metadata)
 
     def lower_group(self, group: LayerGroup) -> Layer:
+        if group.kind == "float":
+            layer = self.lower_float_group(group)
+            layer.source_nodes = group.source_nodes
+            return layer
         lower = getattr(self, f"_lower_{group.op_type.lower()}")
+        if chain_end_of(group.node):
+            lower = self._lower_lut  # an elementwise chain: one lookup table (lower_arith_ops.py)
         layer = lower(group)
         layer.source_nodes = group.source_nodes
         return layer
@@ -175,7 +263,7 @@ class Lowering(ShapeOpLowering, ArithmeticOpLowering, FloatFallbackLowering):
         return Layer(name=group.name, op=op, inputs=list(group.inputs), outputs=[group.output], **kw)
 
     def _requant_params(self, group: LayerGroup, ratio: np.ndarray, bits: int | None = None) -> dict:
-        bits = self.ctx.target.multiplier_bits if bits is None else bits
+        bits = self.ctx.target.for_layer(group.name).multiplier_bits if bits is None else bits
         try:
             m, k = choose_multipliers(ratio, bits)
         except ValueError as exc:
@@ -198,22 +286,40 @@ class Lowering(ShapeOpLowering, ArithmeticOpLowering, FloatFallbackLowering):
         return "int32" if acc_bound.max() < 2**31 else "int64"
 
     def _weighted(self, group: LayerGroup, weight_ir: np.ndarray, qp_w: QParams, op: str, attrs: dict) -> Layer:
-        """Conv/Gemm/MatMul: integer weights [O, ...], bias, per-channel requant, fused clamp."""
+        """Conv/Gemm/MatMul: integer weights [O, ...], bias, per-channel requant, fused clamp.
+
+        The multiplier width is the layer's (``TargetPreset.layer_multiplier_bits``); scale
+        selection nudged s_w so that m / 2^k reproduces s_x * s_w / s_y. With an input zero point
+        (asymmetric activations) the zero-point term is folded into the bias, as the accelerator
+        does: bias' = q_b - zp_x * sum(q_w - zp_w) per channel, attr ``input_zero_point_folded``,
+        acc = sum((q_w - zp_w) * xpad) + bias' with xpad padded by zp_x; bias' must fit the bias
+        type."""
         ctx = self.ctx
+        preset = ctx.target.for_layer(group.name)
         qp_x, qp_y = ctx.qparams[group.inputs[0]], ctx.qparams[group.output]
         out_channels = weight_ir.shape[0]
         bias = np.zeros(out_channels, np.int64)
+        bias_dtype = preset.bias_dtype
         if group.bias:
             qp_b = ctx.qparams[group.bias]
+            bias_dtype = qp_b.dtype
             bias = quantize_constant(ctx.index.constant(group.bias).reshape(-1), qp_b).astype(np.int64)
+        w_centered = weight_ir.astype(np.int64) - qp_w.zero_point.reshape(-1, *[1] * (weight_ir.ndim - 1))
+        w_sum = w_centered.reshape(out_channels, -1).sum(axis=1)
+        zp_x = int(qp_x.zero_point[0])
+        if zp_x != 0:
+            bias = bias - zp_x * w_sum
+            attrs = dict(attrs, input_zero_point_folded=1)
+            lo, hi = DTYPE_RANGES[bias_dtype]
+            if bias.min() < lo or bias.max() > hi:
+                raise ctx.fail(group, f"the bias with the input zero point {zp_x} folded in leaves {bias_dtype}")
         ratio = (np.float64(qp_x.scale[0]) * qp_w.scale.astype(np.float64)) / np.float64(qp_y.scale[0])
         params = {"weight": weight_ir, "weight_zero_point": qp_w.zero_point.astype(weight_ir.dtype),
-                  "bias": bias.astype(np.dtype(ctx.target.bias_dtype))}
-        params.update(self._requant_params(group, ratio))
+                  "bias": bias.astype(np.dtype(bias_dtype))}
+        params.update(self._requant_params(group, ratio, preset.layer_multiplier_bits(qp_x.dtype, qp_w.dtype)))
         params.update(self._clamp_params(group, qp_y, group.activation))
-        x_max = max(abs(qp_x.qmin - int(qp_x.zero_point[0])), abs(qp_x.qmax - int(qp_x.zero_point[0])))
-        w_abs = np.abs(weight_ir.astype(np.int64) - qp_w.zero_point.reshape(-1, *[1] * (weight_ir.ndim - 1)))
-        acc_bound = w_abs.reshape(out_channels, -1).sum(axis=1) * x_max + np.abs(bias)
+        x_max = max(abs(qp_x.qmin - zp_x), abs(qp_x.qmax - zp_x), abs(qp_x.qmin), abs(qp_x.qmax))
+        acc_bound = np.abs(w_centered).reshape(out_channels, -1).sum(axis=1) * x_max + np.abs(bias)
         acc_dtype = self._check_accumulator(group, acc_bound, params)
         return self._layer(group, op, attrs=attrs, params=params, acc_dtype=acc_dtype,
                            rounding=ctx.target.requant_rounding)
@@ -245,15 +351,19 @@ class Lowering(ShapeOpLowering, ArithmeticOpLowering, FloatFallbackLowering):
         return self._weighted(group, q_w, qp_w, "gemm", {})
 
     def _lower_matmul(self, group: LayerGroup) -> Layer:
+        if group.weight is None:
+            return self._lower_matmul_activations(group)  # lower_arith_ops.py
         q_w, qp_w = self._weight_ir(group)
         return self._weighted(group, np.ascontiguousarray(q_w.T), qp_w, "gemm", {})
 
     def _lower_add(self, group: LayerGroup) -> Layer:
+        if group.constants:
+            return self._lower_add_constant(group)  # lower_arith_ops.py: the affine rule
         qa, qb = (self.ctx.qparams[i] for i in group.inputs)
         qy = self.ctx.qparams[group.output]
         ratios = np.array([qa.scale[0], qb.scale[0]], np.float64) / np.float64(qy.scale[0])
         try:
-            m, k = shared_shift_multipliers(ratios, self.ctx.target.multiplier_bits)
+            m, k = add_multipliers(ratios, self.ctx.target.for_layer(group.name))
         except ValueError as exc:
             raise self.ctx.fail(group, str(exc)) from None
         params = {"multiplier": m, "shift": np.array([k], np.int8)}
@@ -261,13 +371,7 @@ class Lowering(ShapeOpLowering, ArithmeticOpLowering, FloatFallbackLowering):
         return self._layer(group, "add", params=params, acc_dtype="int64", rounding=self.ctx.target.requant_rounding)
 
     def _pool_attrs(self, group: LayerGroup) -> dict:
-        node = group.node
-        kernel = list(get_attr(node, "kernel_shape"))
-        strides = list(get_attr(node, "strides", [1, 1]))
-        dilations = list(get_attr(node, "dilations", [1, 1]))
-        pads = explicit_pads(node, self.ctx.shapes[group.inputs[0]][2:], kernel, strides, dilations)
-        return {"kernel_shape": kernel, "strides": strides, "pads": pads, "dilations": dilations,
-                "ceil_mode": int(get_attr(node, "ceil_mode", 0))}
+        return pool_window_attrs(group.node, self.ctx.shapes[group.inputs[0]])
 
     def _lower_maxpool(self, group: LayerGroup) -> Layer:
         return self._layer(group, "maxpool", attrs=self._pool_attrs(group))
@@ -275,39 +379,24 @@ class Lowering(ShapeOpLowering, ArithmeticOpLowering, FloatFallbackLowering):
     def _avgpool(self, group: LayerGroup, attrs: dict) -> Layer:
         ctx = self.ctx
         qp_x, qp_y = ctx.qparams[group.inputs[0]], ctx.qparams[group.output]
-        in_hw = ctx.shapes[group.inputs[0]][2:]
-        out_hw = ctx.shapes[group.output][2:]
-        include_pad = bool(attrs.get("count_include_pad", 0))
-        pads = attrs["pads"]
-        counts = [
-            _window_counts(in_hw[a], out_hw[a], attrs["kernel_shape"][a], attrs["strides"][a],
-                           attrs["dilations"][a], pads[a], pads[a + 2], include_pad)
-            for a in range(2)
-        ]
-        count = np.outer(counts[0], counts[1])
+        count = pool_divisors(attrs, ctx.shapes[group.inputs[0]][2:], ctx.shapes[group.output][2:])
         ratio = np.float64(qp_x.scale[0]) / (np.float64(qp_y.scale[0]) * count)
         if np.all(count == count.flat[0]):
             ratio = ratio.reshape(-1)[:1]
-        bits = ctx.target.multiplier_bits
-        if ctx.target.shift_only:
-            exps = np.log2(ratio)
-            bits = 0 if np.all(exps == np.round(exps)) else POOL_MULTIPLIER_BITS
-        m, k = shared_shift_multipliers(ratio.reshape(-1), bits)
-        params = {"multiplier": m.reshape(ratio.shape), "shift": np.array([k], np.int8)}
+        try:
+            m, k = pool_multipliers(ratio, ctx.target.for_layer(group.name))
+        except ValueError as exc:
+            raise ctx.fail(group, str(exc)) from None
+        params = {"multiplier": m, "shift": np.array([k], np.int8)}
         params.update(self._clamp_params(group, qp_y))
         return self._layer(group, "avgpool", attrs=attrs, params=params, acc_dtype="int32",
                            rounding=ctx.target.requant_rounding)
 
     def _lower_averagepool(self, group: LayerGroup) -> Layer:
-        attrs = self._pool_attrs(group)
-        attrs["count_include_pad"] = int(get_attr(group.node, "count_include_pad", 0))
-        return self._avgpool(group, attrs)
+        return self._avgpool(group, self._pool_attrs(group))
 
     def _lower_globalaveragepool(self, group: LayerGroup) -> Layer:
-        hw = list(self.ctx.shapes[group.inputs[0]][2:])
-        attrs = {"kernel_shape": hw, "strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1],
-                 "ceil_mode": 0, "count_include_pad": 0}
-        return self._avgpool(group, attrs)
+        return self._avgpool(group, self._pool_attrs(group))
 
     def _reshape_to_output(self, group: LayerGroup) -> Layer:
         in_shape, out_shape = self.ctx.shapes[group.inputs[0]], self.ctx.shapes[group.output]
@@ -326,9 +415,11 @@ class Lowering(ShapeOpLowering, ArithmeticOpLowering, FloatFallbackLowering):
         axis = int(get_attr(group.node, "axis"))
         rank = len(self.ctx.shapes[group.output])
         ratios = np.array([self.ctx.qparams[i].scale[0] for i in group.inputs], np.float64) / np.float64(qy.scale[0])
-        params = self._requant_params(group, ratios)
-        same = ratios == 1.0  # an input already in the output's encoding passes through exactly
-        params["multiplier"][same], params["shift"][same] = 1, 0
+        try:
+            m, k = concat_multipliers(ratios, self.ctx.target.for_layer(group.name))
+        except ValueError as exc:
+            raise self.ctx.fail(group, str(exc)) from None
+        params = {"multiplier": m.astype(np.int32), "shift": k.astype(np.int8)}
         return self._layer(group, "concat", attrs={"axis": axis % rank}, params=params,
                            rounding=self.ctx.target.requant_rounding)
 

@@ -19,6 +19,7 @@ class CompileReport:
     pass_records: list[PassRecord] = field(default_factory=list)
     qparams: QParamTable | None = None
     program: Program | None = None
+    offload: object | None = None  # compiler.offload.OffloadReport: integer vs float layers, and why
 
     def stage(self, name: str, started: float) -> None:
         self.stage_seconds[name] = time.perf_counter() - started
@@ -44,6 +45,19 @@ class CompileReport:
                          f"  ({' + '.join(layer.source_nodes)})")
         return lines
 
+    def adjustment_lines(self) -> list[str]:
+        """Moved weight scales (multiplier nudges, bias-width fits): the largest nudge, then each
+        layer that lost weight bits to its bias, then every nudge."""
+        if self.qparams is None or not getattr(self.qparams, "adjustments", None):
+            return []
+        adj = self.qparams.adjustments
+        lines = ["scale adjustments:",
+                 f"  largest weight-scale nudge {self.qparams.largest('nudge'):.4%} "
+                 f"({sum(a.kind == 'nudge' for a in adj)} layers nudged so m/2^k is exact)"]
+        lines.extend(f"  {a.describe()}" for a in adj if a.kind == "bias_fit")
+        lines.extend(f"  {a.describe()}" for a in adj if a.kind == "nudge")
+        return lines + [""]
+
     def summary(self) -> str:
         """A few lines for the console."""
         n_layers = len(self.program.layers) if self.program else 0
@@ -56,7 +70,13 @@ class CompileReport:
                  f"({', '.join(f'{v} {k}' for k, v in sorted(ops.items()))})"]
         for r in passes:
             lines.append(f"  pass {r.name}: {'; '.join(r.changes)}")
+        if self.offload is not None and self.offload.float:
+            lines.append(f"  offload: {self.offload.summary()}")
         lines.extend(f"  {n}" for n in self.notes)
+        adj = self.adjustment_lines()
+        if adj:
+            lines.append(adj[1])
+            lines.extend(line for line in adj[2:] if "bits so the bias fits" in line)
         return "\n".join(lines)
 
     def text(self) -> str:
@@ -72,6 +92,10 @@ class CompileReport:
         parts.append("notes:")
         parts.extend(f"  {n}" for n in self.notes)
         parts.append("")
+        parts.extend(self.adjustment_lines())
+        if self.offload is not None:
+            parts.append(self.offload.text().rstrip("\n"))
+            parts.append("")
         parts.append("layers:")
         parts.extend(self.layer_lines())
         if self.qparams is not None:

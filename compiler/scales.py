@@ -5,26 +5,39 @@ scale) and one driver, ``choose_qparams``, that walks the layer plan in executio
 
 Activations (per tensor): a tensor whose calibrated minimum is >= 0 uses the unsigned type when
 the target allows (zero point 0, scale = max / qmax_u); otherwise the signed type, symmetric
-(scale = max(|min|, |max|) / qmax_s). Pass-through layers (MaxPool, Reshape, Flatten, ReLU/Clip
-standing alone) inherit their input's encoding exactly ("aligned").
+(scale = max(|min|, |max|) / qmax_s), or with asymmetric activations (mmav2 ``--asymmetric``)
+scale = (max - min) / (qmax - qmin) and a zero point. Pass-through layers (MaxPool, Reshape,
+Flatten, ReLU/Clip standing alone) inherit their input's encoding exactly ("aligned").
 Weights: symmetric, scale = max|w| / qmax per output channel (or per tensor), raised where the
-bias would not fit its integer type: q_b = round(b / (s_x * s_w)) must satisfy
-|q_b| <= 2^(bias_bits - 2), so s_w >= |b| / (s_x * 2^(bias_bits - 2)). An all-zero channel with
-zero bias gets scale 1 (any positive value encodes it exactly), never a division by zero.
-On power-of-2 targets every scale is rounded up to the next power of two.
+bias would not fit its integer type: q_b = round(b / (s_x * s_w)) must satisfy |q_b| <= room
+(BIAS_ROOM: 2^30 for int32, 2^15 - 1 for int16), so s_w >= |b| / (s_x * room); on power-of-2 targets (int16 bias on
+TDA4VM) that raises s_w by whole powers of two, and the bits lost are recorded. An all-zero
+channel with zero bias gets scale 1 (any positive value encodes it exactly), never a division by
+zero. On power-of-2 targets every scale is rounded up to the next power of two (an activation
+calibrated with a histogram takes, of that exponent and the two below, the one with the least
+expected quantization MSE: ``range_estimators.best_power_of_two_scale``). Then, with a
+short multiplier, the weight scale is nudged so that m / 2^k is exact (``nudge_weight_scale``).
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import onnx
 
 from passes.graph import GraphIndex, get_attr
 from passes.layer_plan import LayerPlan
-from passes.qparams import DTYPE_RANGES, QParams, QParamTable
+from passes.qparams import DTYPE_RANGES, QParams, QParamTable, ScaleAdjustment
 from passes.targets import TargetPreset
+from runtime.fixed_point import quantize_multiplier
 
 from .calibration import TensorRange
 from .errors import CompileError
+from .range_estimators import best_power_of_two_scale
+
+BIAS_ROOM = {"int32": 2.0**30, "int16": 2.0**15 - 1}
+"""Largest |q_b|: int32 keeps a bit of headroom for the int32 accumulator the bias is added to;
+int16 (TDA4VM) uses its whole range, the accumulator being wider than the bias."""
 
 MIN_RANGE = 1e-6  # a tensor whose calibrated |range| is below this is treated as having this range
 
@@ -37,22 +50,45 @@ def round_up_power_of_two(scale: np.ndarray) -> np.ndarray:
 def activation_qparams(rng: TensorRange, target: TargetPreset, source: str) -> QParams:
     """Per-tensor encoding of an activation from its calibrated range (see module docstring)."""
     bits = target.activation_bits
-    lo, hi = float(rng.min), float(rng.max)
-    if target.unsigned_after_relu and lo >= 0.0:
+    if target.unsigned_after_relu and rng.min >= 0.0:
         dtype = f"uint{bits}"
-        scale = max(hi, MIN_RANGE) / DTYPE_RANGES[dtype][1]
     else:
         dtype = f"int{bits}"
-        scale = max(abs(lo), abs(hi), MIN_RANGE) / DTYPE_RANGES[dtype][1]
+    # A histogram estimator (percentile/entropy/mse) re-estimates for this grid's steps on |x|;
+    # an asymmetric grid over [lo, hi] has about the step of the symmetric one, qmax_s.
+    qmax = DTYPE_RANGES[dtype][1]
+    rng = rng.for_grid(qmax)
+    lo, hi = float(rng.min), float(rng.max)
+    if dtype.startswith("uint"):
+        scale = max(hi, MIN_RANGE) / qmax
+    elif not target.symmetric_activations:
+        return asymmetric_activation_qparams(min(lo, 0.0), max(hi, 0.0), dtype, source)
+    else:
+        scale = max(abs(lo), abs(hi), MIN_RANGE) / qmax
     if target.power_of_two:
         scale = float(round_up_power_of_two(scale))
+        if rng.histogram is not None:  # the least-MSE exponent among 2^e, 2^(e-1), 2^(e-2)
+            scale = best_power_of_two_scale(rng.histogram.counts, rng.histogram.bin_width, qmax,
+                                            scale)
     return QParams(np.float32(scale), 0, dtype, source=source)
+
+
+def asymmetric_activation_qparams(lo: float, hi: float, dtype: str, source: str) -> QParams:
+    """Asymmetric encoding of [lo, hi] (lo <= 0 <= hi): s = (hi - lo) / (qmax - qmin),
+    zp = round_half_even(qmin - lo / s) clipped to the type, so real 0 is exactly the integer zp
+    (padding filled with zp is exactly 0)."""
+    qmin, qmax = DTYPE_RANGES[dtype]
+    scale = np.float32(max(hi - lo, MIN_RANGE) / (qmax - qmin))
+    zp = int(np.clip(np.rint(qmin - lo / np.float64(scale)), qmin, qmax))
+    return QParams(scale, zp, dtype, source=source)
 
 
 def weight_output_axis(node: onnx.NodeProto) -> int:
     """The axis of the ONNX weight initializer that indexes output channels."""
     if node.op_type == "Conv":
         return 0
+    if node.op_type == "ConvTranspose":
+        return 1  # ONNX layout [C_in, C_out/group, kh, kw]
     if node.op_type == "Gemm":
         return 0 if get_attr(node, "transB", 0) else 1
     if node.op_type == "MatMul":
@@ -61,15 +97,22 @@ def weight_output_axis(node: onnx.NodeProto) -> int:
 
 
 def weight_qparams(weight: np.ndarray, axis: int, bias: np.ndarray | None, input_scale: float,
-                   target: TargetPreset) -> QParams:
-    """Symmetric weight encoding, per output channel or per tensor (see module docstring)."""
+                   target: TargetPreset, per_channel: bool | None = None) -> QParams:
+    """Symmetric weight encoding, per output channel or per tensor (see module docstring).
+
+    ``per_channel`` overrides the preset (depthwise convs with ``depthwise_per_channel``). The bias
+    room is BIAS_ROOM of the bias type, less 1/128 on targets whose multiplier nudge may lower s_w
+    by up to 2^-8 afterwards (``nudge_weight_scale``)."""
     dtype = f"int{target.weight_bits}"
     qmax = DTYPE_RANGES[dtype][1]
-    bias_room = 2.0 ** (int(target.bias_dtype[3:]) - 2)
+    bias_room = float(BIAS_ROOM[target.bias_dtype])
+    if not target.shift_only:
+        bias_room *= 1.0 - 2.0**-7
+    per_channel = target.per_channel_weights if per_channel is None else per_channel
     w = np.moveaxis(weight.astype(np.float64), axis, 0).reshape(weight.shape[axis], -1)
     amax = np.abs(w).max(axis=1)
     b = np.zeros_like(amax) if bias is None else np.abs(bias.astype(np.float64)).reshape(-1)
-    if not target.per_channel_weights:
+    if not per_channel:
         amax, b = amax.max(keepdims=True), b.max(keepdims=True)
     scale = np.maximum(amax / qmax, b / (input_scale * bias_room))
     scale[scale == 0] = 1.0
@@ -83,6 +126,41 @@ def weight_qparams(weight: np.ndarray, axis: int, bias: np.ndarray | None, input
                    axis=axis if scale.size > 1 else None, source="weights")
 
 
+NUDGE_THRESHOLD = 2.0**-22
+"""A weight scale is nudged when m / 2^k misses s_x * s_w / s_y by more than this, relatively:
+a few float32 ulps (2^-24), the most the QDQ model's own float arithmetic can tell apart. An 8- or
+16-bit multiplier (error up to 2^-8 / 2^-16) always crosses it; a 31-bit one (2^-31) never does."""
+
+MAX_NUDGE = 0.02
+"""The largest relative change of a weight scale the nudge may make (TIDL allows about 2%). With a
+normalized b-bit multiplier the nudge is at most 2^-b (1/256 for 8 bits); only a shift driven out
+of its range [-31, 62] could exceed this, and that is a CompileError."""
+
+
+def nudge_weight_scale(s_x: float, s_w: np.ndarray, s_y: float, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weight scales s_w' with s_x * s_w' / s_y == m / 2^k (to float32 precision), and |s_w'/s_w - 1|.
+
+    m, k = quantize_multiplier(s_x * s_w / s_y, bits) (m rounded half up to ``bits`` bits, so
+    |m/2^k - M| <= M * 2^-bits); where the relative miss exceeds NUDGE_THRESHOLD,
+    s_w' = float32(m * 2^-k * s_y / s_x). The QDQ model then dequantizes the weights with s_w' and
+    describes the same product the IR forms with m and k. Weights are quantized with s_w', so the
+    largest may round to qmax + 1 and saturate (at most 0.5 step more error, like rounding).
+    """
+    s_w = np.asarray(s_w, dtype=np.float32)
+    f64 = np.float64
+    ratio = f64(np.float32(s_x)) * s_w.astype(f64) / f64(np.float32(s_y))
+    m, k = quantize_multiplier(ratio, bits)
+    exact = m.astype(f64) * np.exp2(-k.astype(f64))
+    need = np.abs(exact - ratio) > NUDGE_THRESHOLD * ratio
+    target_scale = (exact * f64(np.float32(s_y)) / f64(np.float32(s_x))).astype(np.float32)
+    nudged = np.where(need, target_scale, s_w).astype(np.float32)
+    return nudged, np.abs(nudged.astype(f64) / s_w.astype(f64) - 1.0)
+
+
+def _is_depthwise(node: onnx.NodeProto, weight: np.ndarray) -> bool:
+    return node.op_type == "Conv" and int(get_attr(node, "group", 1)) > 1 and weight.shape[1] == 1
+
+
 def bias_qparams(input_scale: np.float32, w_qp: QParams, target: TargetPreset) -> QParams:
     """Bias encoding: scale float32(s_x * s_w) per output channel, zero point 0, the preset's type."""
     scale = (np.float32(input_scale) * w_qp.scale).astype(np.float32)
@@ -92,35 +170,149 @@ def bias_qparams(input_scale: np.float32, w_qp: QParams, target: TargetPreset) -
 
 def choose_qparams(model: onnx.ModelProto, plan: LayerPlan, ranges: dict[str, TensorRange],
                    target: TargetPreset) -> QParamTable:
-    """Fill the table for every activation tensor, weight and bias of the plan, in execution order."""
+    """Fill the table for every activation tensor, weight and bias of the plan, in execution order.
+
+    Per layer the preset is ``target.for_layer(name)`` (16-bit for ``layers_16bit``). After a
+    weighted layer's weight scale is chosen it is nudged (``nudge_weight_scale``) where the
+    layer's multiplier width cannot represent s_x * s_w / s_y; a layer without weights (Add,
+    Concat, pooling) gets ``consumer_scales`` instead (see QParamTable). Every moved scale is
+    recorded in ``table.adjustments``.
+    """
+    from .lowering import (  # lowering owns the integer rules of these layers
+        rescale_ratios,
+        tensor_shapes,
+    )
+
     index = GraphIndex(model.graph)
     table = QParamTable()
+    known = {g.name for g in plan.groups}
+    unknown = [n for n in target.layers_16bit if n not in known]
+    if unknown:
+        raise CompileError(f"16-bit layer(s) {unknown} are not layers of the model; layers are named by their "
+                           f"ONNX node (after BatchNorm folding and fusion): {', '.join(sorted(known)[:12])}"
+                           + (", ..." if len(known) > 12 else ""))
+    pools = any(g.op_type in ("AveragePool", "GlobalAveragePool") for g in plan.groups)
+    shapes = tensor_shapes(model) if pools else {}
     for name in plan.inputs:
         table[name] = activation_qparams(ranges[name], target, f"calibration:{ranges[name].method}")
     for group in plan.groups:
+        preset = target.for_layer(group.name)
+        if group.kind == "float":  # float fallback: float outputs calibrated, int/bool outputs raw
+            _float_group_qparams(group, table, ranges, preset, plan.raw_tensors())
+            continue
         missing = [i for i in group.inputs if i not in table]
         if missing:
             raise CompileError(f"node '{group.name}' ({group.op_type}): input(s) {missing} have no "
                                "quantization parameters (the graph is not in execution order)")
+        if not group.quantized_outputs:  # ArgMax: an exact int64 index, no encoding
+            continue
         if group.scale_rule == "inherit":
             src = table[group.inputs[0]]
             table[group.output] = QParams(src.scale, src.zero_point, src.dtype, src.axis,
                                           source=f"aligned:{group.inputs[0]}")
         else:
             rng = ranges[group.output]
-            table[group.output] = activation_qparams(rng, target, f"calibration:{rng.method}")
+            table[group.output] = activation_qparams(rng, preset, f"calibration:{rng.method}")
         if group.weight is not None:
-            s_x = table[group.inputs[0]].scale[0]
-            weight = index.constant(group.weight)
-            bias = index.constant(group.bias) if group.bias else None
-            if not np.all(np.isfinite(weight)) or (bias is not None and not np.all(np.isfinite(bias))):
-                raise CompileError(f"node '{group.name}' ({group.op_type}): weights or bias are not finite")
-            w_qp = weight_qparams(weight, weight_output_axis(group.node), bias, s_x, target)
-            if group.weight in table and not table[group.weight].same_as(w_qp):
-                raise CompileError(f"node '{group.name}' ({group.op_type}): weight '{group.weight}' is "
-                                   "shared with another layer that needs a different encoding")
-            table[group.weight] = w_qp
-            if group.bias:
-                table[group.bias] = bias_qparams(s_x, w_qp, target)
+            _weight_and_bias(group, index, table, preset)
+        else:
+            try:
+                _nudge_output_scale(group, table, preset, shapes)
+                effective = rescale_ratios(group, table, preset, model, shapes)
+            except ValueError as exc:
+                raise CompileError(f"node '{group.name}' ({group.op_type}): {exc}") from None
+            for tensor, scale in effective.items():
+                if scale != table[tensor].scale[0]:
+                    table.consumer_scales[(group.name, tensor)] = scale
     return table
 
+
+def _float_group_qparams(group, table: QParamTable, ranges: dict[str, TensorRange], preset: TargetPreset,
+                         raw: dict[str, str]) -> None:
+    """A float layer's float outputs get calibrated encodings; its raw outputs none (exact values)."""
+    missing = [i for i in group.inputs if i not in table and i not in raw]
+    if missing:
+        raise CompileError(f"node '{group.name}' ({group.op_type}): input(s) {missing} have no "
+                           "quantization parameters (the graph is not in execution order)")
+    for out in group.quantized_outputs:
+        table[out] = activation_qparams(ranges[out], preset, f"calibration:{ranges[out].method}")
+
+
+def _nudge_output_scale(group, table: QParamTable, preset: TargetPreset, shapes: dict) -> None:
+    """A layer without weights (Add, Concat, average pooling with one divisor D) on a preset with a
+    short multiplier: move its output scale s_y so that the ratio of its widest input,
+    r = s_ref / s_y (pooling: s_x / (s_y * D)), is exactly m / 2^k: s_y' = float32(s_ref 2^k / m)
+    (pooling: s_x 2^k / (m D)). That input is then read without any gain error; the others of an
+    Add/Concat keep the bounded error of their own m_i (docs/ir.md). |s_y'/s_y - 1| <= 2^-bits,
+    recorded as an ``output_nudge``. Shift-only presets need none (power-of-2 ratios are exact)."""
+    from .lowering import (  # lowering owns these layers' integer rules
+        pool_divisors,
+        pool_window_attrs,
+    )
+
+    bits = preset.multiplier_bits
+    out = table[group.output]
+    if bits == 0 or group.op_type not in ("Add", "Concat", "AveragePool", "GlobalAveragePool"):
+        return
+    scales = [np.float64(table[i].scale[0]) for i in group.inputs]
+    s_y = np.float64(out.scale[0])
+    divisor = 1
+    if group.op_type in ("AveragePool", "GlobalAveragePool"):
+        in_shape, out_shape = shapes[group.inputs[0]], shapes[group.output]
+        d = pool_divisors(pool_window_attrs(group.node, in_shape), in_shape[2:], out_shape[2:])
+        if not np.all(d == d.flat[0]):
+            return  # per-position divisors: no single exact output scale
+        divisor = int(d.flat[0])
+    elif any(s == s_y for s in scales):
+        return  # an input already at the output's scale passes through exactly
+    s_ref = max(scales)
+    ratio = s_ref / (s_y * divisor)
+    m, k = quantize_multiplier(np.array([ratio]), bits)
+    exact = float(m[0]) * 2.0 ** -int(k[0])
+    if abs(exact - ratio) <= NUDGE_THRESHOLD * ratio:
+        return
+    new = np.float32(s_ref / (exact * divisor))
+    change = abs(float(new) / s_y - 1.0)
+    if change > MAX_NUDGE:
+        return
+    table[group.output] = QParams(new, out.zero_point, out.dtype, out.axis, source=out.source + "+nudged")
+    table.adjustments.append(ScaleAdjustment(group.name, group.output, "output_nudge", change))
+
+
+def _weight_and_bias(group, index: GraphIndex, table: QParamTable, preset: TargetPreset) -> None:
+    qp_x, qp_y = table[group.inputs[0]], table[group.output]
+    if qp_x.dtype.endswith("16") and preset.bias_bits < 32:
+        # an 8-bit layer reading a 16-bit input accumulates 16 x 8 bits: its bias is int32, as in
+        # the 16-bit form (an int16 bias at s_x * s_w with a 16-bit s_x would cost ~8 weight bits)
+        preset = replace(preset, bias_dtype="int32")
+    s_x = qp_x.scale[0]
+    weight = index.constant(group.weight)
+    bias = index.constant(group.bias) if group.bias else None
+    if not np.all(np.isfinite(weight)) or (bias is not None and not np.all(np.isfinite(bias))):
+        raise CompileError(f"node '{group.name}' ({group.op_type}): weights or bias are not finite")
+    axis = weight_output_axis(group.node)
+    per_channel = True if (preset.depthwise_per_channel and _is_depthwise(group.node, weight)) else None
+    if group.op_type == "ConvTranspose" and int(get_attr(group.node, "group", 1)) > 1:
+        per_channel = False  # axis 1 holds C_out/group channels only: one scale for every group
+    w_qp = weight_qparams(weight, axis, bias, s_x, preset, per_channel)
+    if bias is not None:
+        natural = weight_qparams(weight, axis, None, s_x, preset, per_channel).scale.astype(np.float64)
+        lost = float(np.log2(w_qp.scale.astype(np.float64) / natural).max())
+        if lost > 0:
+            table.adjustments.append(ScaleAdjustment(group.name, group.weight, "bias_fit", lost))
+    bits = preset.layer_multiplier_bits(qp_x.dtype, w_qp.dtype)
+    if bits > 0:
+        nudged, change = nudge_weight_scale(s_x, w_qp.scale, qp_y.scale[0], bits)
+        if change.max() > MAX_NUDGE:
+            raise CompileError(f"node '{group.name}' ({group.op_type}): a {bits}-bit multiplier needs a weight-scale "
+                               f"nudge of {change.max():.2%} (more than {MAX_NUDGE:.0%}); the scales are too far "
+                               "apart for the shift range; use --multiplier-bits 31")
+        if change.max() > 0:
+            table.adjustments.append(ScaleAdjustment(group.name, group.weight, "nudge", float(change.max())))
+        w_qp = QParams(nudged, w_qp.zero_point, w_qp.dtype, w_qp.axis, source=w_qp.source)
+    if group.weight in table and not table[group.weight].same_as(w_qp):
+        raise CompileError(f"node '{group.name}' ({group.op_type}): weight '{group.weight}' is "
+                           "shared with another layer that needs a different encoding")
+    table[group.weight] = w_qp
+    if group.bias:
+        table[group.bias] = bias_qparams(s_x, w_qp, preset)

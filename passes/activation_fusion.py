@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from .base import GraphPass, PassResult
+from .elementwise_fusion import in_chain
 from .errors import PassError
 from .graph import GraphIndex, del_meta, get_attr, get_meta, nodes_by_name, set_meta
 
@@ -166,8 +167,8 @@ class FuseActivations(GraphPass):
             if producer is None or producer.domain not in ("", "ai.onnx"):
                 continue
             pattern = _match(producer, act)
-            if pattern is None:
-                continue
+            if pattern is None or in_chain(producer) or in_chain(act):
+                continue  # a lookup-table chain (elementwise_fusion) owns both nodes
             reason = pattern.check(producer, act, index)
             pair = f"{producer.op_type} '{producer.name}' + {act.op_type} '{act.name}'"
             if reason:

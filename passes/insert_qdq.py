@@ -7,6 +7,13 @@ name: T -> Q -> T_quantized -> DQ -> T_dequantized -> consumers. Inside a fused 
 appears: the Q follows the fused activation. Weights become an integer initializer
 ``W_quantized`` behind a DequantizeLinear (per output channel where the table says so); a bias
 becomes an int32 initializer behind a DequantizeLinear with scale float32(s_x * s_w).
+An int16 bias (TDA4VM) is stored as an int32 initializer with the same values: the arithmetic is
+the same, and DequantizeLinear before opset 21 takes no int16.
+A layer without weights whose multipliers cannot represent its scale ratios exactly (Add, Concat,
+average pooling with a short multiplier) reads its input through its own DequantizeLinear with the
+effective scale of ``QParamTable.consumer_scales`` (tensor ``T_for_<node>``), so the QDQ model
+describes the arithmetic the IR does, as a nudged weight scale does for Conv/Gemm.
+16-bit Q/DQ needs opset 21: a model below it is converted (onnx.version_converter) first.
 Naming: ``quantized_name(T)`` is the integer tensor of T, ``prequant_name(T)`` the float tensor a
 Q reads (for non-input tensors), used by tests to compare layer by layer.
 """
@@ -56,12 +63,29 @@ class InsertQDQ(GraphPass):
         self.plan = plan
         self.qparams = qparams
 
+    def _needed_opset(self) -> int:
+        activations = self.plan.activation_tensors()
+        wide = any(self.qparams[t].dtype in ("int16", "uint16") for t in activations)
+        weights = [g.weight for g in self.plan.groups if g.weight]
+        wide = wide or any(self.qparams[t].dtype in ("int16", "uint16") for t in weights)
+        return 21 if wide else 13
+
     def requires(self, model):
-        needed = 21 if any(qp.dtype in ("int16", "uint16") for qp in self.qparams.values()) else 13
-        if opset_version(model) < needed:
-            raise self.fail(f"the model's opset {opset_version(model)} is below {needed}, which this QDQ form needs")
+        if opset_version(model) < 13:
+            raise self.fail(f"the model's opset {opset_version(model)} is below 13, which this QDQ form needs")
 
     def apply(self, model: onnx.ModelProto) -> PassResult:
+        changes = []
+        needed = self._needed_opset()
+        if opset_version(model) < needed:
+            from onnx import version_converter
+
+            before = opset_version(model)
+            try:
+                model = version_converter.convert_version(model, needed)
+            except (RuntimeError, ValueError) as exc:  # what onnx.version_converter raises
+                raise self.fail(f"16-bit Q/DQ needs opset {needed}; converting from opset {before} failed: {exc}") from None
+            changes.append(f"converted opset {before} -> {needed} for 16-bit Q/DQ")
         graph = model.graph
         taken = all_names(graph)
         index = GraphIndex(graph)
@@ -84,10 +108,29 @@ class InsertQDQ(GraphPass):
                                               name=f"{tensor}_QuantizeLinear", **attrs))
             new_nodes.append(helper.make_node("DequantizeLinear", [q_out, inits[0].name, inits[1].name], [dq_out],
                                               name=f"{tensor}_DequantizeLinear", **attrs))
+        by_name = {n.name: n for n in graph.node}
+        for (node_name, tensor), scale in self.qparams.consumer_scales.items():
+            node = by_name.get(node_name)
+            if node is None:
+                raise self.fail(f"consumer scale for '{tensor}' names no node '{node_name}'")
+            qp = self.qparams[tensor]
+            own = QParams(np.float32(scale), qp.zero_point, qp.dtype, source="consumer")
+            reader = f"{tensor}_for_{node_name}"
+            inits, attrs = _qparam_initializers(reader, own)
+            graph.initializer.extend(inits)
+            new_nodes.append(helper.make_node("DequantizeLinear", [quantized_name(tensor), inits[0].name, inits[1].name],
+                                              [reader], name=f"{reader}_DequantizeLinear"))
+            read_as = dequantized_input_name(tensor) if tensor in inputs else tensor
+            for i, name in enumerate(node.input):
+                if name == read_as:
+                    node.input[i] = reader
+            changes.append(f"'{node_name}' reads '{tensor}' at its effective scale {float(scale):.9g}")
         constants = [g.weight for g in self.plan.groups if g.weight] + [g.bias for g in self.plan.groups if g.bias]
         for tensor in dict.fromkeys(constants):
             qp = self.qparams[tensor]
             values = index.constant(tensor)
+            if qp.dtype == "int16" and tensor in {g.bias for g in self.plan.groups}:
+                qp = QParams(qp.scale, qp.zero_point, "int32", qp.axis, qp.source)  # same values, opset-13 DQ
             q_init = numpy_helper.from_array(quantize_constant(values, qp), quantized_name(tensor))
             inits, attrs = _qparam_initializers(tensor, qp)
             keep = [i for i in graph.initializer if i.name != tensor]
@@ -101,8 +144,8 @@ class InsertQDQ(GraphPass):
         graph.node.extend(ordered)
         del graph.value_info[:]
         n_act, n_const = len(self.plan.activation_tensors()), len(dict.fromkeys(constants))
-        return PassResult(model, True, [f"quantized {n_act} activation tensors (Q+DQ)",
-                                        f"quantized {n_const} weights/biases (DQ)"])
+        return PassResult(model, True, changes + [f"quantized {n_act} activation tensors (Q+DQ)",
+                                                  f"quantized {n_const} weights/biases (DQ)"])
 
 
 def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:

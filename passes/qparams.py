@@ -92,8 +92,47 @@ def quantize_constant(values: np.ndarray, qp: QParams) -> np.ndarray:
     return np.clip(q, lo, hi).astype(np.dtype(qp.dtype))
 
 
+@dataclass
+class ScaleAdjustment:
+    """A scale that scale selection moved away from its calibrated value, and why.
+
+    ``kind`` is ``nudge`` (a weight scale moved so that m / 2^k is exact; ``amount`` is the
+    largest relative change |s_w' / s_w - 1| over the channels) or ``bias_fit`` (a weight scale
+    raised until the bias fits its integer type; ``amount`` is the number of weight bits lost,
+    log2(s_w' / s_w), for the worst channel) or ``output_nudge`` (the output scale of a layer
+    without weights moved so that its widest input's m / 2^k is exact; relative change)."""
+
+    layer: str
+    tensor: str
+    kind: str
+    amount: float
+
+    def describe(self) -> str:
+        if self.kind == "nudge":
+            return f"{self.layer}: weight scale {self.tensor} nudged by up to {self.amount:.3%} so m/2^k is exact"
+        if self.kind == "output_nudge":
+            return f"{self.layer}: output scale {self.tensor} nudged by {self.amount:.3%} so its widest input's m/2^k is exact"
+        return f"{self.layer}: weight scale {self.tensor} raised {self.amount:.2f} bits so the bias fits"
+
+
 class QParamTable(dict):
-    """tensor name -> QParams, kept in insertion order; ``describe()`` is the report's listing."""
+    """tensor name -> QParams, kept in insertion order; ``describe()`` is the report's listing.
+
+    ``consumer_scales[(node, tensor)]`` is the scale at which one consumer node reads ``tensor``
+    when it differs from the tensor's own: a layer without weights to nudge (Add, Concat, average
+    pooling) requantizes with m / 2^k, and the QDQ model reads its input through a DequantizeLinear
+    with the effective scale m * 2^-k * s_y (times the divisor for pooling), so that it describes
+    the arithmetic the IR does. ``adjustments`` lists every moved weight scale (ScaleAdjustment).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.consumer_scales: dict[tuple[str, str], np.float32] = {}
+        self.adjustments: list[ScaleAdjustment] = []
+
+    def largest(self, kind: str) -> float:
+        """The largest ``amount`` among the adjustments of ``kind`` (0 when there are none)."""
+        return max((a.amount for a in self.adjustments if a.kind == kind), default=0.0)
 
     def describe(self) -> str:
         return "\n".join(f"{name}: {qp.describe()}" for name, qp in self.items())

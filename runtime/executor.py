@@ -11,11 +11,12 @@ import time
 
 import numpy as np
 
+from . import float_ops
 from . import kernels as fast_kernels
 from . import kernels_reference as reference_kernels
 from .errors import ProgramError
 from .fixed_point import dequantize, quantize
-from .ir import INTEGER_DTYPES, LAYER_KINDS, TENSOR_DTYPES, Layer, Program
+from .ir import INTEGER_DTYPES, LAYER_KINDS, RAW_DTYPES, TENSOR_DTYPES, Layer, Program
 
 KERNEL_SETS = {"fast": fast_kernels.KERNELS, "reference": reference_kernels.KERNELS}
 
@@ -73,9 +74,12 @@ def last_uses(program: Program) -> dict[str, int]:
 def run_layer(program: Program, layer: Layer, inputs: list[np.ndarray], kernels: str = "fast") -> list[np.ndarray]:
     """Run one layer on integer inputs; checks the output dtypes and shapes (batch may differ)."""
     where = f"layer '{layer.name}' ({layer.op})"
-    if layer.kind != "integer":
+    if layer.kind not in ("integer", "lut", "float"):  # a lut layer is a kernel like any integer one
         raise ProgramError(f"{where}: layers of kind '{layer.kind}' are not implemented in IR v1 runtime")
-    table = _kernel_set(kernels)
+    if (layer.kind == "lut") != (layer.op == "lut"):
+        raise ProgramError(f"{where}: kind 'lut' and op 'lut' go together (kind is '{layer.kind}')")
+    # a float layer: dequantize -> ONNX op in float -> quantize (runtime/float_ops.py)
+    table = {layer.op: float_ops.run_float_layer} if layer.kind == "float" else _kernel_set(kernels)
     if layer.op not in table:
         raise ProgramError(f"{where}: unknown op '{layer.op}'; known: {', '.join(sorted(table))}")
     try:
@@ -161,7 +165,7 @@ def execute(
     for name in program.outputs:
         q = env[name]
         info = program.tensors[name]
-        if raw_outputs or info.dtype not in INTEGER_DTYPES:
+        if raw_outputs or info.dtype not in INTEGER_DTYPES or info.dtype in RAW_DTYPES:
             result[name] = q
         else:
             result[name] = dequantize(q, info.scale, info.zero_point, info.axis)

@@ -7,9 +7,12 @@ dequantized at the port unless the caller asks for raw integers.
 
 A layer is one fused group of the source graph (for example Conv + BatchNorm + ReLU6). Its
 ``kind`` is ``integer`` (integer arithmetic only), ``lut`` (a lookup table on an 8-bit input) or
-``float`` (dequantize -> float op -> quantize: a float-fallback layer). Its ``params`` hold the
-integer constants: ``weight`` and ``weight_zero_point``, ``bias``, requantization ``multiplier``
-(int32) and ``shift`` (signed), ``clamp_lo``/``clamp_hi`` (per output channel), ``table``.
+``float`` (dequantize -> float op -> quantize: a float-fallback layer whose ``op`` is the ONNX op
+type, run by runtime/float_ops.py). Its ``params`` hold the integer constants: ``weight`` and
+``weight_zero_point``, ``bias``, requantization ``multiplier`` (int32) and ``shift`` (signed),
+``clamp_lo``/``clamp_hi`` (per output channel), ``table`` (a float layer: its ONNX constants).
+Float layers may write raw tensors (dtype int32/int64/bool, scale 1, zero point 0: Shape, ArgMax,
+Equal outputs), which are never quantized or dequantized.
 ``rounding`` names the requantization rounding mode ("half_up": add 2^(k-1), arithmetic shift).
 The integer rule of every op is written in docs/ir.md.
 """
@@ -22,7 +25,9 @@ import numpy as np
 IR_VERSION = 1
 
 INTEGER_DTYPES = ("int8", "uint8", "int16", "uint16", "int32", "int64")
-TENSOR_DTYPES = INTEGER_DTYPES + ("float32",)
+TENSOR_DTYPES = INTEGER_DTYPES + ("float32", "bool")
+# dtypes of exact, unquantized tensors (float layers' Shape/ArgMax/Equal outputs): scale 1, zero point 0
+RAW_DTYPES = ("int32", "int64", "bool")
 LAYER_KINDS = ("integer", "lut", "float")
 
 

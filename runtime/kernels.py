@@ -1,15 +1,45 @@
 """Fast kernels: the same integers as kernels_reference, computed with BLAS where it pays.
 
-A convolution or matmul of integer operands is computed as a float matmul on integer-valued
-floats. That is exact when every partial sum is an integer below 2^p (p = 24 for float32, 53 for
-float64): each product and each sum is then representable, whatever order or FMA use the BLAS
-picks (OpenBLAS/MKL sum products by additions only; no Strassen). The bound used is
-max|x - zp_x| (from x's dtype) * max|w - zp_w| (from the data) * K; past 2^53 the kernel falls
-back to int64 arithmetic. 1x1 convs skip im2col; depthwise convs (one input channel per group)
-are sums of strided windows, one numpy op per kernel tap; nothing loops over pixels or channels.
-Ops with no faster formulation (add, reshape, concat, clamp, requantize) reuse the reference.
+Exactness of the float products. A convolution or matmul of integer operands is computed as a
+float matmul on integer-valued floats. That is exact when every partial sum is an integer below
+2^p (p = 24 for float32, 53 for float64): each product and each sum is then representable,
+whatever order or FMA use the BLAS picks (OpenBLAS/MKL sum products by additions only; no
+Strassen). For output channel o and a slice S of the reduction axis, every partial sum is bounded
+by
+
+    B(o, S) = max|x - zp_x| * sum_{k in S} |w[o, k] - zp_w[o]|
+
+(max|x - zp_x| from x's dtype, the weight sums from the data: tighter than K * max|w|). The
+reduction axis is cut into the fewest contiguous chunks with max_o B(o, chunk) < 2^24 and each
+chunk is one float32 matmul; the chunk results (each exact) are summed in int64. When even single
+columns break 2^24 (16-bit operands), float64 is used the same way (2^53), and past that int64.
+
+Fused requantization. For 8/16-bit outputs with half-up rounding and k >= 0, the epilogue
+y = clamp(zp_y + ((acc + b) * m + 2^(k-1)) >> k, lo, hi) is computed as
+
+    t = acc * m + c,  c = b * m + 2^(k-1) + zp_y * 2^k   (per channel, precomputed)
+    y = clip(t >> k, lo, hi)                              ((V + zp * 2^k) >> k = (V >> k) + zp)
+
+on cache-sized blocks of int64, in place, right after each matmul. It is used only where a static
+bound, |acc + b| <= max|x - zp_x| * sum_k |w[o, k] - zp_w[o]| + |b|, proves that no value leaves
+int64 (so neither the reference's overflow check nor any wrap-around can apply); everything else
+(other rounding modes, negative shifts, layers with params this module does not know) goes through
+the reference epilogue on an exact int64 accumulator.
+
+Layouts: 1x1 convs skip im2col; other convs build im2col per image (in row chunks bounded by
+``IM2COL_BUDGET_BYTES``), and images with few output pixels share one matmul; depthwise convs
+(one input channel per group) are sums of strided windows, one multiply-add per kernel tap on
+cache-sized channel blocks; nothing loops over pixels. The float weights, chunk plan and epilogue
+constants of a layer are prepared once and kept on the layer object (``_fast_plan``); params are
+treated as read-only after a layer's first run. Ops with no faster formulation (reshape, concat,
+clamp, requantize, ...) reuse the reference.
 """
 from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,14 +50,62 @@ from .kernel_common import (
     clamp_bounds,
     conv_geometry,
     finish,
+    param,
     per_channel,
     pool_geometry,
+    requant_params,
     tensor_zero_point,
 )
 
 EXACT_FLOAT32 = 2**24
 EXACT_FLOAT64 = 2**53
-IM2COL_BUDGET_BYTES = 256 * 2**20  # im2col is done in batch chunks of at most this size
+IM2COL_BUDGET_BYTES = 64 * 2**20  # im2col of one image is built in output-row chunks of at most this
+BLOCK_ELEMENTS = 2**15  # int64 elements per epilogue block (256 KiB: stays in L2)
+MIN_FLOAT32_CHUNK = 64  # shorter reduction chunks than this: float64 in one piece instead
+STACK_COLUMNS = 512  # convs with fewer output pixels per image stack images into one matmul
+SAFE_INT64 = 2.0**61  # static bound under which the fused epilogue cannot leave int64 (float64 margin)
+THREADS = max(1, int(os.environ.get("QLOWER_THREADS", "1")))
+"""Threads for the elementwise work (epilogues, depthwise taps, im2col, add); numpy releases the
+GIL inside its loops. Default 1 (QLOWER_THREADS=N for more): OpenBLAS's own threads keep spinning
+for a while after each matmul, and measured on a loaded 2-core machine extra threads of ours only
+competed with them (BLAS threads are set by OPENBLAS_NUM_THREADS)."""
+PARALLEL_MIN_ELEMENTS = 2**17  # below this, one thread
+
+_pool: ThreadPoolExecutor | None = None
+_worker = threading.local()
+
+
+def parallel_for(fn, n: int, elements: int) -> None:
+    """fn(start, stop) over [0, n) in up to THREADS contiguous ranges, one per thread (this one
+    included). Serial for small work (``elements`` in all) and inside a worker (no nesting)."""
+    global _pool
+    parts = min(THREADS, n)
+    if parts <= 1 or elements < PARALLEL_MIN_ELEMENTS or getattr(_worker, "busy", False):
+        fn(0, n)
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=THREADS - 1, thread_name_prefix="qlower")
+    bounds = [n * i // parts for i in range(parts + 1)]
+
+    def run(a, b):
+        _worker.busy = True
+        try:
+            fn(a, b)
+        finally:
+            _worker.busy = False
+
+    futures = [_pool.submit(run, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+    try:
+        run(bounds[0], bounds[1])
+    finally:
+        for f in futures:
+            f.result()
+
+_CONV_ATTRS = {"kernel_shape", "strides", "pads", "dilations", "group", "input_zero_point_folded"}
+_CONV_PARAMS = {"weight", "weight_zero_point", "bias", "multiplier", "shift", "clamp_lo", "clamp_hi"}
+
+
+# --------------------------------------------------------------------------- exactness bounds
 
 
 def compute_dtype(x_bound: int, w_bound: int, k: int) -> np.dtype:
@@ -47,8 +125,366 @@ def dtype_bound(dtype, zp: int) -> int:
     return max(abs(lo - int(zp)), abs(hi - int(zp)))
 
 
-def _to_int64(acc: np.ndarray) -> np.ndarray:
-    return acc if acc.dtype == np.int64 else acc.astype(np.int64)
+def _greedy_chunks(cum: np.ndarray, limit: int) -> list[tuple[int, int]] | None:
+    """Cut [0, K) into the fewest contiguous chunks with max_row(cum[:, end] - cum[:, start]) <=
+    limit (cum: per-row cumulative sums with a leading 0 column); None if one column exceeds it."""
+    k = cum.shape[1] - 1
+    chunks, start = [], 0
+    while start < k:
+        reach = (cum[:, start + 1:] - cum[:, start:start + 1]).max(axis=0)
+        fits = int(np.searchsorted(reach, limit, side="right"))  # reach is non-decreasing
+        if fits == 0:
+            return None
+        chunks.append((start, start + fits))
+        start += fits
+    return chunks
+
+
+def reduction_plan(abs_w: np.ndarray, x_bound: int, force_dtype=None) -> tuple[np.dtype, list[tuple[int, int]]]:
+    """Compute dtype and reduction chunks for rows of |w - zp_w| (shape [rows, K]) against inputs
+    with |x - zp_x| <= x_bound: every partial sum of a chunk stays below 2^24 (float32) or 2^53
+    (float64); int64 when neither holds. ``force_dtype`` (tests) takes one chunk in that dtype."""
+    k = abs_w.shape[1]
+    if force_dtype is not None:
+        return np.dtype(force_dtype), [(0, k)]
+    if k == 0 or abs_w.size == 0:
+        return np.dtype(np.float32), [(0, max(k, 0))]
+    xb = int(x_bound)
+    row_sums = abs_w.sum(axis=1, dtype=np.int64)
+    peak = xb * int(row_sums.max())
+    if peak < EXACT_FLOAT32:
+        return np.dtype(np.float32), [(0, k)]
+    cum = None
+    if xb * int(abs_w.max()) < EXACT_FLOAT32:
+        cum = np.zeros((abs_w.shape[0], k + 1), dtype=np.int64)
+        np.cumsum(abs_w, axis=1, out=cum[:, 1:])
+        chunks = _greedy_chunks(cum, (EXACT_FLOAT32 - 1) // xb)
+        if chunks is not None and min(b - a for a, b in chunks[:-1] or [(0, MIN_FLOAT32_CHUNK)]) >= MIN_FLOAT32_CHUNK:
+            return np.dtype(np.float32), chunks
+    if peak < EXACT_FLOAT64:
+        return np.dtype(np.float64), [(0, k)]
+    if xb * int(abs_w.max()) < EXACT_FLOAT64:
+        if cum is None:
+            cum = np.zeros((abs_w.shape[0], k + 1), dtype=np.int64)
+            np.cumsum(abs_w, axis=1, out=cum[:, 1:])
+        chunks = _greedy_chunks(cum, (EXACT_FLOAT64 - 1) // xb)
+        if chunks is not None:
+            return np.dtype(np.float64), chunks
+    return np.dtype(np.int64), [(0, k)]
+
+
+# --------------------------------------------------------------------------- fused epilogue
+
+
+@dataclass
+class Epilogue:
+    """Per-channel constants of y = clip((acc * m + c) >> k, lo, hi), c = b*m + 2^(k-1) + zp_y*2^k.
+
+    Arrays are int64, shape [1] or [O]; ``shift`` is a Python int when k is per tensor. The
+    work is done in int32 where |acc| * |m| + |c| < 2^31 is certain (``limit32``: the largest
+    |acc| for which it holds, per channel; proved statically for the whole layer, or checked on
+    each block's max |acc|), else in int64."""
+
+    m: np.ndarray
+    c: np.ndarray
+    shift: np.ndarray | int
+    lo: np.ndarray
+    hi: np.ndarray
+    lo32: np.ndarray  # lo, hi taken into int32's range (for the int32 work dtype)
+    hi32: np.ndarray
+    limit32: np.ndarray  # float64 [O]: max |acc| with which int32 cannot overflow
+    static32: bool  # the static |acc| bound is within limit32 for every channel
+
+    @staticmethod
+    def build(bias, m, k, lo, hi, zp_y: int, acc_bound: np.ndarray, rounding) -> Epilogue | None:
+        """The fused constants, or None when the fused form is not provably identical to the
+        reference (other rounding, k < 0, or a value that could leave int64)."""
+        if rounding not in (None, "half_up"):
+            return None
+        m = np.asarray(m, dtype=np.int64)
+        k = np.asarray(k, dtype=np.int64)
+        if np.any(k < 0) or np.any(k > 62):
+            return None
+        bias = np.asarray(bias, dtype=np.int64)
+        acc_bound = np.asarray(acc_bound, dtype=np.float64)
+        half = np.where(k > 0, np.left_shift(np.int64(1), np.maximum(k - 1, 0)), 0)
+        worst = ((acc_bound + np.abs(bias).astype(np.float64)) * np.abs(m).astype(np.float64)
+                 + half.astype(np.float64) + abs(int(zp_y)) * np.exp2(k.astype(np.float64)))
+        if not np.all(worst < SAFE_INT64):
+            return None
+        c = bias * m + half + np.left_shift(np.int64(zp_y), k)
+        # int32 work: |acc| * |m| + |c| < 2^31 (with a 2^-20 margin for the float64 division),
+        # k <= 30, and the clamp bounds taken inside int32 (t lies there anyway)
+        room = 2.0**31 * (1 - 2.0**-20) - np.abs(c).astype(np.float64)
+        mf = np.broadcast_to(np.abs(m).astype(np.float64), c.shape)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            limit32 = np.where(mf > 0, np.floor(room / np.where(mf > 0, mf, 1.0)), np.inf)
+        kk = np.broadcast_to(k, c.shape)
+        limit32 = np.where((room > 0) & (kk <= 30), limit32, -1.0)
+        static32 = bool(np.all(np.broadcast_to(acc_bound, limit32.shape) <= limit32))
+        shift = int(k[0]) if np.all(k == k.flat[0]) else k
+        lo, hi = np.asarray(lo, np.int64), np.asarray(hi, np.int64)
+        lo32, hi32 = np.clip(lo, -(2**31), 2**31 - 1), np.clip(hi, -(2**31), 2**31 - 1)
+        return Epilogue(m, c, shift, lo, hi, lo32, hi32, limit32, static32)
+
+    def _consts(self, o0: int, rows: int, ndim: int, wt: np.dtype) -> tuple:
+        """(m, c, k, lo, hi) for channels o0..o0+rows in the work dtype, shaped to broadcast
+        along axis 0 of an ndim-block (a scalar where the value is per tensor)."""
+        shape = (-1,) + (1,) * (ndim - 1)
+        lo, hi = (self.lo32, self.hi32) if wt == np.int32 else (self.lo, self.hi)
+        out = []
+        for v in (self.m, self.c, self.shift, lo, hi):
+            if isinstance(v, int):
+                out.append(v)
+            elif v.size == 1:
+                out.append(wt.type(v.reshape(())))
+            else:
+                out.append(v[o0:o0 + rows].astype(wt).reshape(shape))
+        return tuple(out)
+
+    def _fits32(self, parts: list[np.ndarray], o0: int, o1: int) -> bool:
+        if self.static32:
+            return True
+        if parts[0].size == 0:
+            return False
+        limit = float(self.limit32[o0:o1].min()) if self.limit32.size > 1 else float(self.limit32[0])
+        if limit < 1:
+            return False
+        total = 0.0  # |sum of parts| <= sum of max |part|; every partial sum stays below it too
+        for p in parts:
+            total += max(abs(float(p.max())), abs(float(p.min())))
+        return total <= limit
+
+    def apply(self, parts: list[np.ndarray], dest: np.ndarray, o0: int = 0, scratch: bool = False) -> None:
+        """dest[r] = epilogue(sum of parts[r]) for channel o0 + r, r along axis 0; parts are
+        exact integer-valued accumulators (float or integer) of dest's shape, or wider on the last
+        axis (the leading columns are written). ``scratch``: the single part may be overwritten
+        (used in place when its dtype is the work dtype)."""
+        rows = parts[0].shape[0]
+        per_row = max(1, int(np.prod(parts[0].shape[1:], dtype=np.int64)))
+        step = max(1, BLOCK_ELEMENTS // per_row)
+        blocks = -(-rows // step)
+        parallel_for(lambda a, b: self._apply_rows(parts, dest, o0, scratch, a * step, min(rows, b * step), step),
+                     blocks, rows * per_row)
+
+    def _apply_rows(self, parts, dest, o0: int, scratch: bool, first: int, last: int, step: int) -> None:
+        """apply() on rows first..last, in blocks of ``step`` rows."""
+        ndim = parts[0].ndim
+        per_row = max(1, int(np.prod(parts[0].shape[1:], dtype=np.int64)))
+        bufs, consts = {}, {}
+        for r0 in range(first, last, step):
+            r1 = min(last, r0 + step)
+            block = [p[r0:r1] for p in parts]
+            wt = np.dtype(np.int32) if self._fits32(block, o0 + r0, o0 + r1) else np.dtype(np.int64)
+            if wt not in consts:
+                consts[wt] = self._consts(o0 + first, last - first, ndim, wt)
+            m, c, k, lo, hi = (v if np.ndim(v) == 0 else v[r0 - first:r1 - first] for v in consts[wt])
+            if scratch and len(block) == 1 and block[0].dtype == wt:
+                t = block[0]
+            else:
+                if wt not in bufs:
+                    bufs[wt] = np.empty(min(last - first, step) * per_row, dtype=wt)
+                t = bufs[wt][: (r1 - r0) * per_row].reshape(block[0].shape)
+                np.copyto(t, block[0], casting="unsafe")
+                for p in block[1:]:
+                    np.add(t, p, out=t, casting="unsafe")  # float64 loop: exact below 2^53
+            np.multiply(t, m, out=t)
+            np.add(t, c, out=t)
+            np.right_shift(t, k, out=t)
+            np.clip(t, lo, hi, out=t)
+            if t.shape[-1] != dest.shape[-1]:  # parts wider than dest: the extra columns are dropped
+                t = t[..., : dest.shape[-1]]
+            np.copyto(dest[r0:r1], t, casting="unsafe")
+
+
+def _known_layer(layer, attrs: set[str], params: set[str]) -> bool:
+    return set(layer.attrs) <= attrs and set(layer.params) <= params
+
+
+# --------------------------------------------------------------------------- conv
+
+
+@dataclass
+class _ConvPlan:
+    """What a conv layer needs besides its input: float weights per group and chunk, the
+    reduction chunks, the compute dtype and (optionally) the fused epilogue."""
+
+    key: tuple
+    keep: tuple  # the arrays the key's ids refer to (so the ids cannot be reused)
+    ct: np.dtype
+    chunks: list[tuple[int, int]]
+    wmats: list[list[np.ndarray]]  # [group][chunk] -> [og, chunk] (dense) ; depthwise: [[g, og, kh, kw]]
+    depthwise: bool
+    epilogue: Epilogue | None
+    row_l1: np.ndarray  # [O] sum_k |w[o, k] - zp_w[o]| (float64), for the static bound
+
+
+def _prepare_conv(w, zp_w, x_dtype, zp_x: int, force_dtype=None):
+    """Weights minus their zero points, the compute dtype and the chunks for an input dtype."""
+    w = np.asarray(w)
+    o, cg, kh, kw = w.shape
+    ws = w.astype(np.int64) - per_channel(zp_w, o, "weight_zero_point").reshape(-1, 1, 1, 1)
+    abs_w = np.abs(ws.reshape(o, cg * kh * kw))
+    x_bound = dtype_bound(x_dtype, zp_x)
+    if cg == 1:  # depthwise: taps summed in one accumulator, so the whole row sum must fit
+        peak = x_bound * int(abs_w.sum(axis=1, dtype=np.int64).max(initial=0))
+        if force_dtype is not None:
+            ct = np.dtype(force_dtype)
+        else:
+            ct = np.dtype(np.int32 if peak < 2**31 else np.int64)  # elementwise: integers are as fast
+        chunks = [(0, kh * kw)]
+    else:
+        ct, chunks = reduction_plan(abs_w, x_bound, force_dtype)
+    return ws, abs_w, ct, chunks, x_bound
+
+
+def _conv_plan(w, zp_w, x_dtype, zp_x: int, attrs: dict, force_dtype=None) -> _ConvPlan:
+    o, cg, kh, kw = w.shape
+    g = int(attrs.get("group", 1))
+    ws, abs_w, ct, chunks, _ = _prepare_conv(w, zp_w, x_dtype, zp_x, force_dtype)
+    if cg == 1:
+        wmats = [[ws.reshape(g, o // g, kh, kw).astype(ct)]]
+    else:
+        flat = ws.reshape(g, o // g, cg * kh * kw)
+        wmats = [[np.ascontiguousarray(flat[gi, :, a:b], dtype=ct) for a, b in chunks] for gi in range(g)]
+    return _ConvPlan((), (), ct, chunks, wmats, cg == 1, None, abs_w.sum(axis=1).astype(np.float64))
+
+
+def _shifted_input(x: np.ndarray, zp_x: int, pads, ct: np.dtype) -> np.ndarray:
+    """x - zp_x in the compute dtype, padded with 0 (x padded with zp_x, minus zp_x)."""
+    pt, pl, pb, pr = pads
+    n, c, h, w = x.shape
+    if not (pt or pl or pb or pr):
+        xs = np.empty((n, c, h, w), dtype=ct)
+        np.subtract(x, zp_x, out=xs, dtype=ct, casting="unsafe")
+        return xs
+    xs = np.zeros((n, c, h + pt + pb, w + pl + pr), dtype=ct)
+    np.subtract(x, zp_x, out=xs[:, :, pt:pt + h, pl:pl + w], dtype=ct, casting="unsafe")
+    return xs
+
+
+def _run_conv(x, plan: _ConvPlan, geo: dict, zp_x: int, emit, emit_dw) -> None:
+    """Drive the conv: ``emit(parts, b0, b1, o0, o1, r0, r1, scratch)`` receives exact
+    accumulators of shape [o1 - o0, b1 - b0, (r1 - r0) * W_out] for images b0..b1, channels
+    o0..o1 and output rows r0..r1 (parts sum to the accumulator; ``scratch``: they may be
+    overwritten); depthwise convs call ``emit_dw(acc, b, o0, o1)`` with acc [o1 - o0, H_out,
+    W_out] (a scratch view)."""
+    n, c = x.shape[:2]
+    g = geo["group"]
+    (sh, sw), (dh, dw), (ho, wo), (kh, kw) = geo["strides"], geo["dilations"], geo["out"], geo["kernel"]
+    ct = plan.ct
+    cg = c // g
+
+    def rows(i, r0, r1):
+        return slice(i * dh + r0 * sh, i * dh + (r1 - 1) * sh + 1, sh)
+
+    def cols(j):
+        return slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
+
+    if kh == kw == 1 and not any(geo["pads"]) and (sh, sw) != (1, 1):
+        x = x[:, :, : sh * (ho - 1) + 1: sh, : sw * (wo - 1) + 1: sw]  # 1x1 strided: subsample first
+        sh = sw = 1
+    if plan.depthwise:
+        _run_depthwise(x, zp_x, plan, geo, (sh, sw), emit_dw)
+        return
+    xs = _shifted_input(x, zp_x, geo["pads"], ct)
+
+    og = plan.wmats[0][0].shape[0] if plan.wmats[0] else 0
+    k_total = cg * kh * kw
+    pointwise = kh == kw == 1 and (sh, sw) == (1, 1) and xs.shape[2:] == (ho, wo)
+    if pointwise:  # images with few pixels are stacked side by side into one matmul
+        stack = 1 if ho * wo >= STACK_COLUMNS else min(n, -(-STACK_COLUMNS // (ho * wo)))
+        for b0 in range(0, n, stack):
+            b1 = min(n, b0 + stack)
+            for gi in range(g):
+                xg = xs[b0:b1, gi * cg:(gi + 1) * cg].reshape(b1 - b0, cg, ho * wo)
+                if b1 - b0 > 1:
+                    xg = np.ascontiguousarray(xg.transpose(1, 0, 2))
+                xg = xg.reshape(cg, (b1 - b0) * ho * wo)
+                parts = [np.matmul(wm, xg[a:bb]).reshape(og, b1 - b0, ho * wo)
+                         for wm, (a, bb) in zip(plan.wmats[gi], plan.chunks)]
+                emit(parts, b0, b1, gi * og, (gi + 1) * og, 0, ho, False)
+        return
+
+    # im2col: [K, images, rows * W_out], in output-row chunks; small images share one matmul
+    per_row = k_total * wo * ct.itemsize
+    row_step = max(1, min(ho, IM2COL_BUDGET_BYTES // max(per_row, 1)))
+    stack = 1
+    if row_step >= ho and ho * wo < STACK_COLUMNS:
+        stack = max(1, min(n, STACK_COLUMNS // (ho * wo), IM2COL_BUDGET_BYTES // max(per_row * ho, 1)))
+    for b0 in range(0, n, stack):
+        b1 = min(n, b0 + stack)
+        nb = b1 - b0
+        for r0 in range(0, ho, row_step):
+            r1 = min(ho, r0 + row_step)
+            for gi in range(g):
+                im = np.empty((cg, kh, kw, nb, r1 - r0, wo), dtype=ct)
+                xg = xs[b0:b1, gi * cg:(gi + 1) * cg].transpose(1, 0, 2, 3)
+
+                def fill(c0, c1, im=im, xg=xg, r0=r0, r1=r1):
+                    for i in range(kh):
+                        for j in range(kw):
+                            im[c0:c1, i, j] = xg[c0:c1, :, rows(i, r0, r1), cols(j)]
+
+                parallel_for(fill, cg, im.size)
+                mat = im.reshape(k_total, nb * (r1 - r0) * wo)
+                parts = [np.matmul(wm, mat[a:bb]).reshape(og, nb, (r1 - r0) * wo)
+                         for wm, (a, bb) in zip(plan.wmats[gi], plan.chunks)]
+                emit(parts, b0, b1, gi * og, (gi + 1) * og, r0, r1, False)
+
+
+def _run_depthwise(x: np.ndarray, zp_x: int, plan: _ConvPlan, geo: dict, strides, emit_dw) -> None:
+    """One input channel per group: acc[g, j] = sum over taps of (x - zp_x)[g, tap] * w[g, j, tap].
+
+    Every tap is made one contiguous run per channel, so that each numpy op streams long rows
+    instead of W_out-long pieces: the padded input is split into its stride phases ("planes",
+    plane (a, b)[y, q] = xpad[y*sh + a, q*sw + b]; one plane when the stride is 1), each plane
+    W_out + max column offset wide; then tap (i, j) is the flat run of its plane starting at row
+    i*dh // sh, column j*dw // sw, H_out * W long, and the accumulator lives on the H_out x W grid
+    whose first W_out columns are the output (the rest, never emitted, read padding or the
+    next row). Channel blocks stay in cache; first tap written, the rest added."""
+    n, g = x.shape[:2]
+    h, w = x.shape[2:]
+    (pt, pl, _, _), (sh, sw), (dh, dw), (ho, wo), (kh, kw) = geo["pads"], strides, geo["dilations"], geo["out"], geo["kernel"]
+    wt = plan.wmats[0][0]  # [g, og, kh, kw]
+    og, ct = wt.shape[1], plan.ct
+    taps = [(i, j, (i * dh) % sh, (j * dw) % sw, (i * dh) // sh, (j * dw) // sw) for i in range(kh) for j in range(kw)]
+    phases = sorted({(a, b) for _, _, a, b, _, _ in taps})
+    width = wo + max(t[5] for t in taps)
+    height = ho + max(t[4] for t in taps) + 1  # + 1: the last row's extra columns run past it
+    planes = np.zeros((n, g, len(phases), height, width), dtype=ct)
+    for p, (a, b) in enumerate(phases):  # plane row y holds input row y*sh + a - pt (if inside)
+        y0, x0 = max(0, -(-(pt - a) // sh)), max(0, -(-(pl - b) // sw))
+        y1 = min(height, (h - 1 + pt - a) // sh + 1)
+        x1 = min(width, (w - 1 + pl - b) // sw + 1)
+        if y1 > y0 and x1 > x0:
+            src = x[:, :, y0 * sh + a - pt: (y1 - 1) * sh + a - pt + 1: sh, x0 * sw + b - pl: (x1 - 1) * sw + b - pl + 1: sw]
+            np.subtract(src, zp_x, out=planes[:, :, p, y0:y1, x0:x1], dtype=ct, casting="unsafe")
+    flat = planes.reshape(n, g, len(phases), height * width)
+    runs = [(i, j, phases.index((a, b)), oi * width + oj) for i, j, a, b, oi, oj in taps]
+    span = ho * width
+    gb = max(1, min(g, BLOCK_ELEMENTS // max(1, og * span)))
+    blocks = -(-g // gb)
+
+    def run(first: int, last: int) -> None:  # work items = (image, channel block)
+        acc = np.empty((gb, og, span), dtype=ct)
+        tmp = np.empty((gb, og, span), dtype=ct)
+        for item in range(first, last):
+            b, g0 = divmod(item, blocks)
+            g0 *= gb
+            g1 = min(g, g0 + gb)
+            a, t = acc[: g1 - g0], tmp[: g1 - g0]
+            for index, (i, j, p, start) in enumerate(runs):
+                src = flat[b, g0:g1, None, p, start:start + span]
+                wij = wt[g0:g1, :, i, j, None]
+                if index == 0:
+                    np.multiply(src, wij, out=a)
+                else:
+                    np.multiply(src, wij, out=t)
+                    np.add(a, t, out=a)
+            emit_dw(a.reshape((g1 - g0) * og, ho, width), b, g0 * og, g1 * og)
+
+    parallel_for(run, n * blocks, n * g * og * span * kh * kw)
 
 
 def conv_accumulate(x, w, zp_x, zp_w, attrs: dict, *, force_dtype=None) -> np.ndarray:
@@ -58,50 +494,85 @@ def conv_accumulate(x, w, zp_x, zp_w, attrs: dict, *, force_dtype=None) -> np.nd
     """
     x, w = np.asarray(x), np.asarray(w)
     geo = conv_geometry(attrs, x.shape, w.shape)
-    n, c, _, _ = x.shape
-    o, cg, kh, kw = w.shape
-    g, og = geo["group"], o // geo["group"]
-    (pt, pl, pb, pr), (sh, sw), (dh, dw), (ho, wo) = geo["pads"], geo["strides"], geo["dilations"], geo["out"]
-    ws = w.astype(np.int64) - per_channel(zp_w, o, "weight_zero_point").reshape(-1, 1, 1, 1)
-    w_bound = int(np.abs(ws).max()) if ws.size else 0
-    ct = np.dtype(force_dtype) if force_dtype else compute_dtype(dtype_bound(x.dtype, zp_x), w_bound, cg * kh * kw)
+    plan = _conv_plan(w, zp_w, x.dtype, int(zp_x), attrs, force_dtype)
+    n, o = x.shape[0], w.shape[0]
+    ho, wo = geo["out"]
+    out = np.empty((n, o, ho * wo), dtype=np.int64)
 
-    xs = x.astype(ct)
-    xs -= ct.type(zp_x)
-    if pt or pl or pb or pr:  # x - zp_x padded with 0 == x padded with zp_x, minus zp_x
-        xs = np.pad(xs, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    ws = ws.astype(ct)
-    rows = lambda i: slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)  # noqa: E731
-    cols = lambda j: slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)  # noqa: E731
+    def emit(parts, b0, b1, o0, o1, r0, r1, scratch):
+        dest = out[b0:b1, o0:o1, r0 * wo:r1 * wo].transpose(1, 0, 2)
+        np.copyto(dest, parts[0], casting="unsafe")
+        for p in parts[1:]:
+            np.add(dest, p, out=dest, casting="unsafe")
 
-    if cg == 1:  # depthwise (any channel multiplier): one multiply-add per tap over all pixels
-        xg = xs.reshape(n, g, 1, xs.shape[2], xs.shape[3])
-        wg = ws.reshape(g, og, kh, kw)
-        acc = np.zeros((n, g, og, ho, wo), dtype=ct)
-        for i in range(kh):
-            for j in range(kw):
-                acc += xg[:, :, :, rows(i), cols(j)] * wg[None, :, :, i, j, None, None]
-        return _to_int64(acc).reshape(n, o, ho, wo)
+    def emit_dw(acc, b, o0, o1):
+        np.copyto(out.reshape(n, o, ho, wo)[b, o0:o1], acc[:, :, :wo], casting="unsafe")
 
-    wg = ws.reshape(g, og, cg * kh * kw)
-    if kh == kw == 1:  # 1x1: a strided view, no im2col
-        xv = np.ascontiguousarray(xs[:, :, rows(0), cols(0)]).reshape(n, g, cg, ho * wo)
-        return _to_int64(np.matmul(wg, xv)).reshape(n, o, ho, wo)
+    _run_conv(x, plan, geo, int(zp_x), emit, emit_dw)
+    return out.reshape(n, o, ho, wo)
 
-    per_item = c * kh * kw * ho * wo * ct.itemsize
-    chunk = max(1, IM2COL_BUDGET_BYTES // max(per_item, 1))
-    out = np.empty((n, o, ho, wo), dtype=np.int64)
-    for start in range(0, n, chunk):  # batch chunks bound im2col's memory
-        part = xs[start: start + chunk]
-        b = part.shape[0]
-        im = np.empty((b, g, cg, kh, kw, ho, wo), dtype=ct)
-        pg = part.reshape(b, g, cg, part.shape[2], part.shape[3])
-        for i in range(kh):
-            for j in range(kw):
-                im[:, :, :, i, j] = pg[:, :, :, rows(i), cols(j)]
-        acc = np.matmul(wg, im.reshape(b, g, cg * kh * kw, ho * wo))
-        out[start: start + b] = acc.reshape(b, o, ho, wo)
-    return out
+
+_generic_conv = ref.make_conv(conv_accumulate)
+
+
+def _cached(layer, key: tuple, keep: tuple, build):
+    """The layer's prepared plan for ``key`` (ids of params + scalars), built on first use."""
+    cached = layer.__dict__.get("_fast_plan")
+    if cached is not None and cached.key == key:
+        return cached
+    plan = build()
+    plan.key, plan.keep = key, keep
+    layer.__dict__["_fast_plan"] = plan
+    return plan
+
+
+def _ids_key(arrays: tuple) -> tuple:
+    return tuple((id(a), getattr(a, "shape", None), str(getattr(a, "dtype", ""))) for a in arrays)
+
+
+def conv(layer, inputs, in_infos, out_infos):
+    """y = clamp(zp_y + requant(acc + bias, m[o], k[o]), lo[o], hi[o]) (the reference rule), with
+    the fused epilogue applied block by block right after each matmul."""
+    if not _known_layer(layer, _CONV_ATTRS, _CONV_PARAMS):
+        return _generic_conv(layer, inputs, in_infos, out_infos)
+    x = inputs[0]
+    w, zp_w = ref._weight(layer)
+    geo = conv_geometry(layer.attrs, x.shape, w.shape)
+    zp_x = tensor_zero_point(in_infos[0])
+    out_info = out_infos[0]
+    zp_y = tensor_zero_point(out_info)
+    params = tuple(layer.params.get(n) for n in sorted(_CONV_PARAMS))
+    key = (_ids_key(params), x.dtype.str, zp_x, out_info.dtype, zp_y, layer.rounding,
+           bool(layer.attrs.get("input_zero_point_folded")), int(layer.attrs.get("group", 1)))
+
+    def build():
+        plan = _conv_plan(w, zp_w, x.dtype, zp_x, layer.attrs)
+        o = w.shape[0]
+        bias = ref._bias(layer, o) + ref._folded_zero_point_term(layer, w, zp_w, in_infos[0])
+        m, k = requant_params(layer, o)
+        lo, hi = clamp_bounds(layer, out_info.dtype, o)
+        acc_bound = dtype_bound(x.dtype, zp_x) * plan.row_l1
+        plan.epilogue = Epilogue.build(bias, m, k, lo, hi, zp_y, acc_bound, layer.rounding)
+        return plan
+
+    plan = _cached(layer, key, params, build)
+    if plan.epilogue is None:
+        return _generic_conv(layer, inputs, in_infos, out_infos)
+    n, o = x.shape[0], w.shape[0]
+    ho, wo = geo["out"]
+    y = np.empty((n, o, ho * wo), dtype=out_info.dtype)
+
+    def emit(parts, b0, b1, o0, o1, r0, r1, scratch):
+        plan.epilogue.apply(parts, y[b0:b1, o0:o1, r0 * wo:r1 * wo].transpose(1, 0, 2), o0, scratch)
+
+    def emit_dw(acc, b, o0, o1):
+        plan.epilogue.apply([acc], y.reshape(n, o, ho, wo)[b, o0:o1], o0, True)
+
+    _run_conv(x, plan, geo, zp_x, emit, emit_dw)
+    return [y.reshape(n, o, ho, wo)]
+
+
+# --------------------------------------------------------------------------- gemm / matmul
 
 
 def matmul_accumulate(a, b, zp_a, zp_b, *, force_dtype=None) -> np.ndarray:
@@ -116,23 +587,142 @@ def matmul_accumulate(a, b, zp_a, zp_b, *, force_dtype=None) -> np.ndarray:
     av -= ct.type(zp_a)
     bv = b.astype(ct)
     bv -= ct.type(zp_b)
-    return _to_int64(np.matmul(av, bv))
+    acc = np.matmul(av, bv)
+    return acc if acc.dtype == np.int64 else acc.astype(np.int64)
+
+
+@dataclass
+class _GemmPlan:
+    key: tuple
+    keep: tuple
+    ct: np.dtype
+    chunks: list[tuple[int, int]]
+    wts: list[np.ndarray]  # per chunk: (w - zp_w)[:, chunk].T as [chunk, O]
+    epilogue: Epilogue | None
+    row_l1: np.ndarray
+
+
+def _gemm_plan(w, zp_w, x_dtype, zp_x: int, force_dtype=None) -> _GemmPlan:
+    w = np.asarray(w)
+    ws = w.astype(np.int64) - per_channel(zp_w, w.shape[0], "weight_zero_point").reshape(-1, 1)
+    abs_w = np.abs(ws)
+    ct, chunks = reduction_plan(abs_w, dtype_bound(x_dtype, zp_x), force_dtype)
+    wts = [np.ascontiguousarray(ws[:, a:b].T, dtype=ct) for a, b in chunks]
+    return _GemmPlan((), (), ct, chunks, wts, None, abs_w.sum(axis=1).astype(np.float64))
+
+
+def _gemm_parts(x: np.ndarray, plan: _GemmPlan, zp_x: int) -> list[np.ndarray]:
+    xv = np.empty(x.shape, dtype=plan.ct)
+    np.subtract(x, zp_x, out=xv, dtype=plan.ct, casting="unsafe")
+    return [np.matmul(xv[..., a:b], wt) for wt, (a, b) in zip(plan.wts, plan.chunks)]
 
 
 def gemm_accumulate(x, w, zp_x, zp_w, *, force_dtype=None) -> np.ndarray:
     """acc[..., o] = sum_k (w[o,k] - zp_w[o]) * (x[..., k] - zp_x), via float BLAS when exact."""
     x, w = np.asarray(x), np.asarray(w)
-    ws = w.astype(np.int64) - per_channel(zp_w, w.shape[0], "weight_zero_point").reshape(-1, 1)
-    w_bound = int(np.abs(ws).max()) if ws.size else 0
-    ct = np.dtype(force_dtype) if force_dtype else compute_dtype(dtype_bound(x.dtype, zp_x), w_bound, w.shape[1])
-    xv = x.astype(ct)
-    xv -= ct.type(zp_x)
-    return _to_int64(np.matmul(xv, ws.astype(ct).T))
+    parts = _gemm_parts(x, _gemm_plan(w, zp_w, x.dtype, int(zp_x), force_dtype), int(zp_x))
+    acc = parts[0].astype(np.int64)
+    for p in parts[1:]:
+        np.add(acc, p, out=acc, casting="unsafe")
+    return acc
 
 
-conv = ref.make_conv(conv_accumulate)
-gemm = ref.make_gemm(gemm_accumulate)
+_generic_gemm = ref.make_gemm(gemm_accumulate)
+_GEMM_ATTRS = {"input_zero_point_folded"}
+
+
+def gemm(layer, inputs, in_infos, out_infos):
+    """acc[..., o] + bias[o], requantized per o (the last axis): the reference rule, fused."""
+    if not _known_layer(layer, _GEMM_ATTRS, _CONV_PARAMS):
+        return _generic_gemm(layer, inputs, in_infos, out_infos)
+    x = inputs[0]
+    w, zp_w = ref._weight(layer)
+    if w.ndim != 2 or x.shape[-1] != w.shape[1]:
+        return _generic_gemm(layer, inputs, in_infos, out_infos)  # the reference names the error
+    zp_x = tensor_zero_point(in_infos[0])
+    out_info = out_infos[0]
+    zp_y = tensor_zero_point(out_info)
+    params = tuple(layer.params.get(n) for n in sorted(_CONV_PARAMS))
+    key = (_ids_key(params), x.dtype.str, zp_x, out_info.dtype, zp_y, layer.rounding,
+           bool(layer.attrs.get("input_zero_point_folded")))
+
+    def build():
+        plan = _gemm_plan(w, zp_w, x.dtype, zp_x)
+        o = w.shape[0]
+        bias = ref._bias(layer, o) + ref._folded_zero_point_term(layer, w, zp_w, in_infos[0])
+        m, k = requant_params(layer, o)
+        lo, hi = clamp_bounds(layer, out_info.dtype, o)
+        acc_bound = dtype_bound(x.dtype, zp_x) * plan.row_l1
+        plan.epilogue = Epilogue.build(bias, m, k, lo, hi, zp_y, acc_bound, layer.rounding)
+        return plan
+
+    plan = _cached(layer, key, params, build)
+    if plan.epilogue is None:
+        return _generic_gemm(layer, inputs, in_infos, out_infos)
+    o = w.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    parts = [p.T for p in _gemm_parts(x2, plan, zp_x)]  # [O, M]
+    y = np.empty((x2.shape[0], o), dtype=out_info.dtype)
+    plan.epilogue.apply(parts, y.T)
+    return [y.reshape(x.shape[:-1] + (o,))]
+
+
 matmul = ref.make_matmul(matmul_accumulate)
+
+
+# --------------------------------------------------------------------------- add
+
+
+def add(layer, inputs, in_infos, out_infos):
+    """acc = (a - zp_a)*m_a + (b - zp_b)*m_b; y = clamp(zp_y + shift_round(acc, k)) (the
+    reference rule), fused on cache-sized blocks as t = a*m_a + b*m_b + c, y = clip(t >> k),
+    c = 2^(k-1) - zp_a*m_a - zp_b*m_b + zp_y*2^k, when a static bound keeps t inside int64."""
+    a, b = inputs[0], inputs[1]
+    m = param(layer, "multiplier", required=True).astype(np.int64).ravel()
+    k = per_channel(param(layer, "shift", required=True), 1, "shift")
+    if (m.size != 2 or a.shape != b.shape or layer.rounding not in (None, "half_up")
+            or not 0 <= int(k[0]) <= 62 or set(layer.params) - {"multiplier", "shift", "clamp_lo", "clamp_hi"}):
+        return ref.add(layer, inputs, in_infos, out_infos)
+    k = int(k[0])
+    zp_a, zp_b = tensor_zero_point(in_infos[0]), tensor_zero_point(in_infos[1])
+    zp_y = tensor_zero_point(out_infos[0])
+    dtype = out_infos[0].dtype
+    lo, hi = clamp_bounds(layer, dtype)
+    half = (1 << (k - 1)) if k > 0 else 0
+    c = half - zp_a * int(m[0]) - zp_b * int(m[1]) + (zp_y << k)
+    bound = (dtype_bound(a.dtype, 0) * abs(int(m[0])) + dtype_bound(b.dtype, 0) * abs(int(m[1]))
+             + abs(c) + (half + abs(zp_a * int(m[0])) + abs(zp_b * int(m[1]))))
+    if bound >= 2**62 or abs(zp_y << k) >= 2**62:
+        return ref.add(layer, inputs, in_infos, out_infos)
+    wt = np.dtype(np.int32 if bound < 2**31 - 2**11 and k <= 30 else np.int64)
+    lo0, hi0 = int(lo[0]), int(hi[0])
+    if wt == np.int32:
+        lo0, hi0 = max(lo0, -(2**31)), min(hi0, 2**31 - 1)
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    y = np.empty(a.shape, dtype=dtype)
+    fy = y.reshape(-1)
+    step = BLOCK_ELEMENTS
+    ma, mb, cc = wt.type(m[0]), wt.type(m[1]), wt.type(c)
+
+    def run(first: int, last: int) -> None:  # element blocks first..last
+        t = np.empty(min(step, fa.size), dtype=wt)
+        u = np.empty_like(t)
+        for s in range(first * step, min(fa.size, last * step), step):
+            e = min(fa.size, s + step)
+            tt, uu = t[: e - s], u[: e - s]
+            np.multiply(fa[s:e], ma, out=tt, dtype=wt)
+            np.multiply(fb[s:e], mb, out=uu, dtype=wt)
+            np.add(tt, uu, out=tt)
+            np.add(tt, cc, out=tt)
+            np.right_shift(tt, k, out=tt)
+            np.clip(tt, lo0, hi0, out=tt)
+            np.copyto(fy[s:e], tt, casting="unsafe")
+
+    parallel_for(run, -(-fa.size // step), fa.size)
+    return [y]
+
+
+# --------------------------------------------------------------------------- pooling
 
 
 def _padded_taps(x: np.ndarray, geo: dict, fill: int):
@@ -166,11 +756,12 @@ def avgpool(layer, inputs, in_infos, out_infos):
     """S = window sum of (x - zp_x) (padding contributes 0); y = clamp(zp_y + requant(S, m, k))."""
     x = inputs[0]
     geo = pool_geometry(layer.attrs, x.shape)
-    xs = x.astype(np.int64) - tensor_zero_point(in_infos[0])
     whole = geo["kernel"] == x.shape[2:] and not any(geo["pads"]) and geo["dilations"] == (1, 1)
-    if whole and geo["out"] == (1, 1):  # global average pooling
-        s = xs.sum(axis=(2, 3), keepdims=True)
+    zp_x = tensor_zero_point(in_infos[0])
+    if whole and geo["out"] == (1, 1):  # global average pooling: sum the raw values, then shift
+        s = x.sum(axis=(2, 3), keepdims=True, dtype=np.int64) - np.int64(zp_x) * (x.shape[2] * x.shape[3])
     else:
+        xs = x.astype(np.int64) - zp_x
         s = None
         for tap in _padded_taps(xs, geo, 0):
             s = tap.copy() if s is None else np.add(s, tap, out=s)
@@ -181,4 +772,4 @@ def avgpool(layer, inputs, in_infos, out_infos):
 
 
 KERNELS = dict(ref.KERNELS)
-KERNELS.update(conv=conv, gemm=gemm, matmul=matmul, maxpool=maxpool, avgpool=avgpool)
+KERNELS.update(conv=conv, gemm=gemm, matmul=matmul, add=add, maxpool=maxpool, avgpool=avgpool)

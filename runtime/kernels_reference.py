@@ -82,6 +82,19 @@ def _weight(layer) -> tuple[np.ndarray, np.ndarray]:
     return w, zp_w
 
 
+def _folded_zero_point_term(layer, w, zp_w, x_info) -> np.ndarray:
+    """With attr ``input_zero_point_folded`` the bias already holds -zp_x * sum(w - zp_w) per
+    output channel (acc = sum((w - zp_w) * xpad) + bias, xpad padded with zp_x, as the
+    accelerator forms it); the accumulate primitives subtract zp_x themselves, so add the term
+    back: sum((w - zp_w)(xpad - zp_x)) + zp_x * sum(w - zp_w) = sum((w - zp_w) * xpad). Exact."""
+    o = w.shape[0]
+    if not layer.attrs.get("input_zero_point_folded"):
+        return np.zeros(o, dtype=np.int64)
+    zp_w = per_channel(zp_w, o, "weight_zero_point").reshape(-1, *[1] * (w.ndim - 1))
+    w_sum = (np.asarray(w).astype(np.int64) - zp_w).reshape(o, -1).sum(axis=1)
+    return tensor_zero_point(x_info) * w_sum
+
+
 def make_conv(accumulate):
     """A conv kernel around an accumulate primitive: y = clamp(zp_y + requant(acc + bias, m, k))."""
 
@@ -89,7 +102,7 @@ def make_conv(accumulate):
         w, zp_w = _weight(layer)
         o = w.shape[0]
         acc = accumulate(inputs[0], w, tensor_zero_point(in_infos[0]), zp_w, layer.attrs)
-        acc = acc + _bias(layer, o).reshape(1, -1, 1, 1)
+        acc = acc + (_bias(layer, o) + _folded_zero_point_term(layer, w, zp_w, in_infos[0])).reshape(1, -1, 1, 1)
         m, k = requant_params(layer, o)
         dtype = out_infos[0].dtype
         lo, hi = clamp_bounds(layer, dtype, o)
@@ -107,6 +120,7 @@ def make_gemm(accumulate):
             raise ProgramError(f"gemm weight {w.shape} does not fit input {inputs[0].shape}")
         o = w.shape[0]
         acc = accumulate(inputs[0], w, tensor_zero_point(in_infos[0]), zp_w) + _bias(layer, o)
+        acc = acc + _folded_zero_point_term(layer, w, zp_w, in_infos[0])
         m, k = requant_params(layer, o)
         dtype = out_infos[0].dtype
         lo, hi = clamp_bounds(layer, dtype, o)

@@ -46,11 +46,13 @@ def test_result_holds_program_and_qdq_model(zoo, result):
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in result.qdq_model.graph.node}
 
 
-def test_save_writes_three_files_and_the_saved_program_runs_the_same(zoo, result, tmp_path):
+def test_save_writes_its_files_and_the_saved_program_runs_the_same(zoo, result, tmp_path):
     out = tmp_path / "nested" / "out"  # created by save
     paths = result.save(out)
-    assert set(paths) == {"program", "qdq_model", "report"}
-    assert sorted(p.name for p in out.iterdir()) == ["model.qdq.onnx", "model.qir", "report.txt"]
+    assert set(paths) == {"program", "qdq_model", "report", "offload", "offload_json"}
+    assert sorted(p.name for p in out.iterdir()) == ["model.qdq.onnx", "model.qir", "offload.json", "offload.txt",
+                                                     "report.txt"]
+    assert paths["offload"].read_text() == result.report.offload.text()
     assert all(p.parent == out and p.is_file() for p in paths.values())
     assert _serialized(onnx.load(str(paths["qdq_model"]))) == _serialized(result.qdq_model)
     assert paths["report"].read_text() == result.report.text()
@@ -135,8 +137,8 @@ def test_bad_calibration_is_a_compile_error(zoo, tmp_path):
 def test_unsupported_ops_are_a_compile_error_listing_every_node(zoo):
     from onnx import TensorProto, helper
 
-    nodes = [helper.make_node("Sin", ["input"], ["a"], name="s1"),
-             helper.make_node("Softmax", ["a"], ["y"], name="s2", axis=1)]
+    nodes = [helper.make_node("Hardmax", ["input"], ["a"], name="s1", axis=1),
+             helper.make_node("LpNormalization", ["a"], ["y"], name="s2", axis=1)]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
@@ -144,4 +146,4 @@ def test_unsupported_ops_are_a_compile_error_listing_every_node(zoo):
     with pytest.raises(CompileError) as info:
         compile_model(model, calibration={"input": np.ones((2, 4), np.float32)})
     message = str(info.value)
-    assert "node 's1' (Sin)" in message and "node 's2' (Softmax)" in message
+    assert "node 's1' (Hardmax)" in message and "node 's2' (LpNormalization)" in message

@@ -1,6 +1,8 @@
-"""Range collection: min/max exactly as onnxruntime computes them on all samples at once, the
-streaming histogram exact under R-doubling and within one bin of brute-force percentiles, and
-memory that does not grow with the number of samples."""
+"""Range collection: min/max exactly as onnxruntime computes them on all samples at once; the
+streaming |x| histogram exact under R-doubling and the same whatever the batching; each
+histogram method equal to its estimator applied to a histogram built here independently; NaN
+caught although onnxruntime's ReduceMin/ReduceMax skip it; memory that does not grow with the
+number of samples; power-of-2 exponents chosen by brute-force MSE."""
 from __future__ import annotations
 
 import tracemalloc
@@ -11,11 +13,25 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from compiler.calibration import (MinMaxObserver, StreamingHistogram, TensorRange,
-                                  collect_ranges)
+from compiler import range_estimators as est
+from compiler.calibration import (
+    AbsHistogram,
+    MinMaxObserver,
+    TensorRange,
+    collect_ranges,
+    default_qmax,
+    estimate_range,
+)
 from compiler.calibration_data import load_calibration, model_input_specs
 from compiler.errors import CompileError
-from tools.model_zoo import calibration_samples, gemm_head_net, mobilenetv2_tiny, save_npz
+from compiler.scales import activation_qparams
+from passes.targets import get_target
+from tools.model_zoo import (
+    calibration_samples,
+    gemm_head_net,
+    mobilenetv2_tiny,
+    save_npz,
+)
 
 N = 16
 NUM_BINS = 2048
@@ -44,11 +60,17 @@ def _run_all_at_once(model, names, feeds, level=ort.GraphOptimizationLevel.ORT_E
     return sess.run(names, feeds)
 
 
-def _bin_width(values, num_bins=NUM_BINS):
-    """The streaming histogram's final bin width: R is the smallest power of two above max|x|."""
+def _bound(values):
+    """The streaming histogram's final R: the smallest power of two above max|x|."""
     peak = float(np.abs(values).max())
-    bound = 2.0 ** (np.frexp(peak)[1]) if peak > 0 else 2.0 ** -24
-    return 2 * bound / num_bins
+    return 2.0 ** (np.frexp(peak)[1]) if peak > 0 else 2.0 ** -24
+
+
+def _abs_histogram(values, num_bins=NUM_BINS):
+    """|x| counted over [0, R) by np.histogram (independent of AbsHistogram), and the width."""
+    bound = _bound(values)
+    counts, _ = np.histogram(np.abs(np.asarray(values, np.float64)), num_bins, (0.0, bound))
+    return counts, bound / num_bins
 
 
 # --------------------------------------------------------------------------- collect_ranges
@@ -81,21 +103,64 @@ def test_requested_tensors_are_the_unoptimised_values(case):
 
 @pytest.mark.parametrize("p", [99.99, 99.0, 90.0])
 def test_percentile_within_one_bin_of_brute_force(case, p):
+    """T is the p-th percentile of |x| (numpy's method="higher"), rounded up by at most one bin
+    width w = R / num_bins; the range is [max(min, -T), min(max, T)]."""
     model, samples, names, reference = case
     data = load_calibration(samples, model_input_specs(model))
     ranges = collect_ranges(model, names, data, method="percentile", percentile=p, batch_size=2)
     for name in names:
         x = reference[name].ravel()
-        w = _bin_width(x)
-        higher = np.percentile(x, p, method="higher")
-        lower = np.percentile(x, 100 - p, method="lower")
+        w = _bound(x) / NUM_BINS
+        higher = np.percentile(np.abs(x), p, method="higher")
         r = ranges[name]
         assert r.method == "percentile"
-        # conservative, and at most one bin width w = 2R/num_bins outside the exact order statistic
-        assert higher <= r.max <= higher + w, (name, r.max, higher, w)
-        assert lower - w <= r.min <= lower, (name, r.min, lower, w)
-        if x.min() >= 0:
-            assert r.min >= 0, name  # ReLU / ReLU6 outputs stay non-negative
+        threshold = max(-r.min, r.max)
+        assert higher <= threshold <= min(higher + w, np.abs(x).max()), (name, threshold, higher)
+        assert r.min == max(x.min(), -threshold) and r.max == min(x.max(), threshold), name
+        assert (r.min >= 0) == (x.min() >= 0), name  # ReLU / ReLU6 outputs stay non-negative
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+def test_histogram_methods_equal_estimator_on_independent_histogram(case, method):
+    """Streaming in batches of 3 (a partial last batch) gives exactly the histogram np.histogram
+    makes from all samples at once, so the range equals the estimator applied to that one."""
+    model, samples, names, reference = case
+    data = load_calibration(samples, model_input_specs(model))
+    ranges = collect_ranges(model, names, data, method=method, batch_size=3)
+    for name in names:
+        x = reference[name].ravel()
+        counts, w = _abs_histogram(x)
+        r = ranges[name]
+        np.testing.assert_array_equal(r.histogram.counts, counts, err_msg=name)
+        assert r.histogram.bin_width == w
+        qmax = 255 if x.min() >= 0 else 127
+        assert r.qmax == qmax
+        assert r.histogram.zeros == np.count_nonzero(x == 0)
+        if method == "percentile":
+            threshold = est.percentile_threshold(counts, w, 99.99)
+        else:  # exact zeros are exact on any grid: the error-based methods leave them out
+            nonzero = counts.copy()
+            nonzero[0] -= np.count_nonzero(x == 0)
+            threshold = (est.entropy_threshold(nonzero, w, qmax + 1) if method == "entropy"
+                         else est.mse_threshold(nonzero, w, qmax))
+        threshold = min(threshold, float(np.abs(x).max()))
+        assert (r.min, r.max) == (max(float(x.min()), -threshold), min(float(x.max()), threshold))
+        # re-estimated for a 16-bit grid: as many levels as bins, so entropy clips nothing
+        wide = r.for_grid(default_qmax(x.min() >= 0, 16))
+        if method == "entropy":
+            assert (wide.min, wide.max) == (float(x.min()), float(x.max()))
+        if method == "percentile":
+            assert wide == r
+
+
+def test_batching_does_not_change_histograms(case):
+    model, samples, names, _ = case
+    data = load_calibration(samples, model_input_specs(model))
+    one = collect_ranges(model, names, data, method="entropy", batch_size=1)
+    five = collect_ranges(model, names, data, method="entropy", batch_size=5)
+    for name in names:
+        assert one[name] == five[name]
+        np.testing.assert_array_equal(one[name].histogram.counts, five[name].histogram.counts)
 
 
 def test_unknown_and_constant_names_refused(case):
@@ -116,7 +181,9 @@ def test_bad_options_refused(case):
     with pytest.raises(CompileError, match="percentile must be in"):
         collect_ranges(model, names[:2], data, method="percentile", percentile=40)
     with pytest.raises(CompileError, match="power of two"):
-        collect_ranges(model, names[:2], data, method="percentile", num_bins=1000)
+        collect_ranges(model, names[:2], data, method="entropy", num_bins=1000)
+    with pytest.raises(CompileError, match="power of two"):
+        collect_ranges(model, names[:2], data, method="mse", num_bins=1 << 16)
 
 
 def _tiny(nodes, inputs, outputs, inits=()):
@@ -136,6 +203,26 @@ def test_non_finite_tensor_named():
         with pytest.raises(CompileError, match=r"tensor 'logx' on calibration samples 1\.\.1: "
                                                r"1 non-finite"):
             collect_ranges(model, ["logx"], data, method=method)
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+def test_nan_caught_although_reduce_min_max_skip_it(method):
+    """Sqrt(-1) = NaN: onnxruntime's ReduceMin/ReduceMax ignore NaN at most positions (checked
+    here), so the calibration graph's ReduceSum is what catches it."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])
+    model = _tiny([helper.make_node("Sqrt", ["x"], ["r"], name="sqrt")], [x],
+                  [helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 6])])
+    values = np.array([[1, 4, 9, 16, 25, 36], [1, 4, -1, 16, 25, 36]], np.float32)
+    sess = ort.InferenceSession(_tiny(
+        [helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0)], [x],
+        [helper.make_tensor_value_info("m", TensorProto.FLOAT, None)]).SerializeToString(),
+        providers=["CPUExecutionProvider"])
+    with np.errstate(invalid="ignore"):
+        assert np.isfinite(sess.run(None, {"x": np.sqrt(values[1:])})[0])  # the premise
+    data = load_calibration({"x": values}, model_input_specs(model))
+    with pytest.raises(CompileError, match=r"tensor 'r' on calibration samples 1\.\.1: "
+                                           r"1 non-finite"):
+        collect_ranges(model, ["r"], data, method=method)
 
 
 def test_hard_coded_batch_one_needs_batch_size_one():
@@ -188,79 +275,85 @@ def test_memory_does_not_grow_with_samples(tmp_path):
 
 def test_histogram_doubling_is_exact():
     """Batches of growing magnitude double R several times; the merged counts equal a histogram
-    computed in one go over the final range, bin for bin."""
+    of |x| computed in one go over the final range, bin for bin."""
     rng = np.random.default_rng(0)
-    hist = StreamingHistogram(num_bins=256)
+    hist = AbsHistogram(num_bins=256)
     batches = [rng.normal(0, 0.01 * 4.0 ** k, 500).astype(np.float32) for k in range(6)]
-    batches.append(np.array([0.0, -0.0, 1e-30, -1e-30], np.float32))  # around the centre edge
+    batches.append(np.array([0.0, -0.0, 1e-30, -1e-30], np.float32))  # around 0
     bounds = []
     for b in batches:
         hist.update(b)
         bounds.append(hist.bound)
     assert len(set(bounds)) >= 5  # R doubled (repeatedly) along the way
     everything = np.concatenate(batches).astype(np.float64)
-    direct, _ = np.histogram(everything, bins=256, range=(-hist.bound, hist.bound))
+    direct, _ = np.histogram(np.abs(everything), bins=256, range=(0, hist.bound))
     np.testing.assert_array_equal(hist.counts, direct)
     assert hist.total == everything.size
     assert hist.min == everything.min() and hist.max == everything.max()
+    assert hist.peak == np.abs(everything).max()
 
 
 def test_histogram_values_on_bin_edges_exact():
-    """Values exactly on bin edges (multiples of w) land in the bin they open, before and after
-    merging, as np.histogram puts them."""
-    hist = StreamingHistogram(num_bins=16)
-    first = np.arange(-7, 8, dtype=np.float32) / 8  # R = 1, w = 1/8: every value an edge
+    """Values exactly on bin edges (multiples of w), of either sign, land in the bin they open,
+    before and after merging, as np.histogram puts them."""
+    hist = AbsHistogram(num_bins=16)
+    first = np.arange(-15, 16, dtype=np.float32) / 16  # R = 1, w = 1/16: every |x| an edge
     hist.update(first)
-    np.testing.assert_array_equal(hist.counts, np.histogram(first, 16, (-1, 1))[0])
+    np.testing.assert_array_equal(hist.counts, np.histogram(np.abs(first), 16, (0, 1))[0])
     second = np.array([3.0, -3.5, 0.25], np.float32)  # R -> 4
     hist.update(second)
-    both = np.concatenate([first, second])
-    np.testing.assert_array_equal(hist.counts, np.histogram(both, 16, (-4, 4))[0])
+    both = np.abs(np.concatenate([first, second]))
+    np.testing.assert_array_equal(hist.counts, np.histogram(both, 16, (0, 4))[0])
 
 
-@pytest.mark.parametrize("p", [50.0, 90.0, 99.0, 99.9, 100.0])
-def test_histogram_percentiles_against_brute_force(p):
-    """Tolerance: one bin width w = 2R/num_bins, on the conservative side of numpy's
-    method="higher"/"lower" order statistics."""
-    rng = np.random.default_rng(1)
-    x = np.concatenate([rng.normal(1.0, 2.0, 700), rng.standard_t(2, 300)]).astype(np.float32)
-    hist = StreamingHistogram(num_bins=64)
-    for chunk in np.array_split(x, 7):
-        hist.update(chunk)
-    w = hist.bin_width
-    assert w == _bin_width(x, 64)
-    lo, hi = hist.percentile_range(p)
-    higher = np.percentile(x, p, method="higher")
-    lower = np.percentile(x, 100 - p, method="lower")
-    assert higher <= hi <= higher + w
-    assert lower - w <= lo <= lower
-    if p == 100.0:
-        assert (lo, hi) == (x.min(), x.max())
+def test_histogram_float64_and_float16_inputs():
+    rng = np.random.default_rng(5)
+    for dtype in (np.float64, np.float16):
+        x = rng.normal(0, 3, 4000).astype(dtype)
+        hist = AbsHistogram(num_bins=64)
+        for chunk in np.array_split(x, 5):
+            hist.update(chunk)
+        expected, _ = np.histogram(np.abs(x.astype(np.float64)), 64, (0, hist.bound))
+        np.testing.assert_array_equal(hist.counts, expected)
 
 
-def test_histogram_non_negative_and_fixed_state():
+def test_histogram_fixed_state_and_non_negative():
     rng = np.random.default_rng(2)
-    hist = StreamingHistogram()
+    hist = AbsHistogram()
     for _ in range(20):
         hist.update(np.maximum(rng.normal(size=1000), 0))
         assert hist.counts.shape == (2048,) and hist.counts.dtype == np.int64
-    lo, hi = hist.percentile_range(99.9)
+    lo, hi = estimate_range(hist, "percentile", 255, 99.9)
     assert lo == 0.0 and 0 < hi <= hist.max
 
 
 def test_histogram_rejects_bad_input():
     with pytest.raises(ValueError, match="power of two"):
-        StreamingHistogram(num_bins=100)
-    hist = StreamingHistogram()
+        AbsHistogram(num_bins=100)
+    with pytest.raises(ValueError, match="power of two"):
+        AbsHistogram(num_bins=1 << 16)
+    hist = AbsHistogram()
     with pytest.raises(ValueError, match="1 non-finite"):
         hist.update(np.array([1.0, np.nan]))
-    with pytest.raises(ValueError, match="no values"):
-        hist.percentile_range(99)
     hist.update(np.zeros(3))  # all zeros: a tiny R, then exact doubling when data arrives
     hist.update(np.array([5.0]))
-    assert hist.percentile_range(100) == (0.0, 5.0)
+    assert estimate_range(hist, "percentile", 127, 100) == (0.0, 5.0)
     np.testing.assert_array_equal(hist.counts, np.histogram([0, 0, 0, 5.0], 2048,
-                                                            (-hist.bound, hist.bound))[0])
+                                                            (0, hist.bound))[0])
+
+
+def test_estimate_range_signs():
+    """lo keeps the data minimum's sign and max(|lo|, |hi|) = T <= max|x|."""
+    rng = np.random.default_rng(3)
+    hist = AbsHistogram()  # R = 16, w = 1/128: entropy's first candidate is T = 128 w = 1
+    hist.update(np.concatenate([rng.normal(0, 1, 5000), [-12.0, 3.0]]))
+    for method in ("percentile", "entropy", "mse"):
+        lo, hi = estimate_range(hist, method, 127, 99.9)
+        threshold = max(-lo, hi)
+        assert lo < 0 and 0 < threshold < 12.0, method  # the lone outlier is clipped
+        assert hi == min(hist.max, threshold) and lo == max(hist.min, -threshold)
+    with pytest.raises(ValueError, match="does not read a histogram"):
+        estimate_range(hist, "minmax", 127)
 
 
 def test_minmax_observer():
@@ -271,3 +364,48 @@ def test_minmax_observer():
     assert obs.range() == (-2.0, 3.5)
     with pytest.raises(ValueError, match="non-finite"):
         obs.update(np.array([np.inf]))
+
+
+# --------------------------------------------------------------------------- scales: power of 2
+
+
+def _raw_sq_error(x, scale, qmax):
+    """Quantize-dequantize on the raw values (symmetric grid, clipped at +-qmax)."""
+    q = np.clip(np.round(x / scale), -qmax, qmax)
+    return float(((x - q * scale) ** 2).sum())
+
+
+def test_power_of_two_exponent_minimizes_brute_force_mse():
+    """mmav1: a long-tailed tensor whose round-up exponent wastes most levels on one outlier; the
+    chosen exponent is the one of {e, e-1, e-2} with the least squared error on the raw values,
+    and minmax (no histogram) keeps the round-up one."""
+    mmav1 = get_target("mmav1")
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.normal(0, 1.0, 20000), [17.0]]).astype(np.float32)
+    hist = AbsHistogram()
+    hist.update(x)
+    rng_hist = TensorRange(float(x.min()), float(x.max()), "mse", hist, 127)
+    up = 2.0 ** np.ceil(np.log2(17.0 / 127))
+    candidates = [up, up / 2, up / 4]
+    errors = [_raw_sq_error(x.astype(np.float64), s, 127) for s in candidates]
+    assert min(errors) < 0.8 * errors[0]  # the premise: clipping the outlier pays
+    qp = activation_qparams(TensorRange(float(x.min()), float(x.max()), "percentile", hist, 127,
+                                        100.0), mmav1, "t")
+    assert float(qp.scale[0]) == candidates[int(np.argmin(errors))]
+    plain = activation_qparams(TensorRange(float(x.min()), float(x.max()), "minmax"), mmav1, "t")
+    assert float(plain.scale[0]) == up
+    assert rng_hist.for_grid(127) is rng_hist
+
+
+# --------------------------------------------------------------------------- progress bar
+
+
+def test_progress_bar_on_request_and_off_when_not_a_terminal(case, capsys):
+    model, samples, names, _ = case
+    data = load_calibration(samples, model_input_specs(model))
+    collect_ranges(model, names[:3], data, progress=True)
+    err = capsys.readouterr().err
+    assert "calibrating" in err and f"/{N} " in err  # the bar, with the number of samples
+    collect_ranges(model, names[:3], data)  # None: stderr is captured, not a terminal
+    collect_ranges(model, names[:3], data, progress=False)
+    assert capsys.readouterr().err == ""

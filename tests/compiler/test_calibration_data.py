@@ -1,7 +1,10 @@
-"""Loading user calibration data: every refusal names the file and the input; batches stream."""
+"""Loading user calibration data (.npz, .npy, folders of .npy/.npz or images, dicts, iterables of
+dicts): every refusal names the file (or item) and the input; batches stream; memory maps are
+released batch by batch."""
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import tracemalloc
 import zipfile
@@ -10,7 +13,12 @@ import numpy as np
 import onnx
 import pytest
 
-from compiler.calibration_data import CalibrationSet, load_calibration, model_input_specs
+from compiler.calibration_data import (
+    CalibrationSet,
+    ImageFolder,
+    load_calibration,
+    model_input_specs,
+)
 from compiler.errors import CompileError
 
 ONE = {"image": ((1, 3, 4, 4), np.dtype(np.float32))}
@@ -247,3 +255,204 @@ def test_fortran_ordered_member_reads_correctly(tmp_path):
     path = _save(tmp_path, image=np.asfortranarray(images))
     data = load_calibration(path, ONE)
     np.testing.assert_array_equal(np.concatenate([b["image"] for b in data.batches(2)]), images)
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _mapped(path) -> bool:
+    """Whether this process currently memory-maps ``path`` (Linux /proc)."""
+    with open("/proc/self/maps") as f:
+        return str(path) in f.read()
+
+
+needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
+
+
+@needs_proc
+def test_npy_maps_each_batch_and_releases_it(tmp_path):
+    """A stacked .npy is mapped one batch at a time and unmapped after it, so the pages read do
+    not stay resident (one map of the whole file would keep them all)."""
+    path = tmp_path / "x.npy"
+    images = _images(7)
+    np.save(path, images)
+    data = load_calibration(path, ONE)
+    assert not _mapped(path)  # the validation pass let its maps go
+    seen = []
+    for batch in data.batches(3):
+        seen.append(batch["image"].copy())
+        assert _mapped(path)
+        del batch
+    assert not _mapped(path)
+    np.testing.assert_array_equal(np.concatenate(seen), images)
+
+
+def test_folder_of_per_input_npy(tmp_path):
+    images, meta = _images(5), _meta(5)
+    np.save(tmp_path / "image.npy", images)
+    np.save(tmp_path / "meta.npy", meta)
+    (tmp_path / "README.txt").write_text("ignored")
+    data = load_calibration(tmp_path, TWO)
+    assert data.num_samples == 5
+    batches = list(data.batches(2))
+    np.testing.assert_array_equal(np.concatenate([b["image"] for b in batches]), images)
+    np.testing.assert_array_equal(np.concatenate([b["meta"] for b in batches]), meta)
+
+
+def test_folder_of_one_sample_npy_files_in_name_order(tmp_path):
+    images = _images(4)
+    for k in range(4):  # with and without the leading batch axis of 1, float64 cast
+        sample = images[k:k + 1] if k % 2 else images[k].astype(np.float64)
+        np.save(tmp_path / f"sample_{k:03d}.npy", sample)
+    data = load_calibration(tmp_path, ONE)
+    assert data.num_samples == 4
+    got = np.concatenate([b["image"] for b in data.batches(3)])
+    np.testing.assert_array_equal(got, images)
+    assert got.dtype == np.float32
+
+
+def test_folder_of_one_sample_npz_files(tmp_path):
+    images, meta = _images(3), _meta(3)
+    for k in range(3):
+        np.savez(tmp_path / f"s{k}.npz", image=images[k], meta=meta[k:k + 1])
+    data = load_calibration(tmp_path, TWO)
+    batch = next(data.batches(3))
+    np.testing.assert_array_equal(batch["image"], images)
+    np.testing.assert_array_equal(batch["meta"], meta)
+
+
+def test_folder_errors_name_the_file(tmp_path):
+    np.save(tmp_path / "a.npy", _images(1)[0])
+    np.save(tmp_path / "b.npy", np.zeros((3, 5, 4), np.float32))
+    _refused(tmp_path, ONE, f"'{tmp_path / 'b.npy'}'", "(3, 4, 4)", "(3, 5, 4)")
+    (tmp_path / "b.npy").unlink()
+    np.save(tmp_path / "c.npy", np.full((3, 4, 4), np.nan, np.float32))
+    _refused(tmp_path, ONE, "48 non-finite")
+    (tmp_path / "c.npy").unlink()
+    np.savez(tmp_path / "d.npz", image=_images(1))
+    _refused(tmp_path, ONE, "mixes '.npy' and '.npz'")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _refused(empty, ONE, "holds no .npy, .npz or image files")
+    _refused(tmp_path / "missing", ONE, "no such file or folder")
+
+
+def test_folder_of_one_sample_npy_needs_one_input(tmp_path):
+    np.save(tmp_path / "a.npy", _images(1)[0])
+    _refused(tmp_path, TWO, "one-sample .npy files feed a one-input model")
+
+
+# --------------------------------------------------------------------------- images
+
+PIL = pytest.importorskip("PIL.Image")
+RGB_MODEL = {"image": ((1, 3, 4, 6), np.dtype(np.float32))}
+
+
+def _write_images(folder, count=3, size=(6, 4), seed=0):
+    """``count`` random RGB PNGs of ``size`` (W, H); returns their pixels (H, W, 3), name order."""
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    pixels = []
+    for k in range(count):
+        p = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        PIL.fromarray(p).save(folder / f"img{k}.png")
+        pixels.append(p)
+    return pixels
+
+
+def test_image_folder_preprocessing_nchw_rgb_and_bgr(tmp_path):
+    pixels = _write_images(tmp_path / "imgs")
+    mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+    for order in ("rgb", "bgr"):
+        folder = ImageFolder(str(tmp_path / "imgs"), mean=mean, std=std, channel_order=order)
+        data = load_calibration(folder, RGB_MODEL)
+        assert data.num_samples == 3 and "mean [123.675" in data.origin
+        got = np.concatenate([b["image"] for b in data.batches(2)])
+        for k, p in enumerate(pixels):
+            chans = p[..., ::-1] if order == "bgr" else p
+            expected = ((chans.astype(np.float64) - mean) / std).transpose(2, 0, 1)
+            np.testing.assert_allclose(got[k], expected, rtol=1e-6, atol=1e-5)
+
+
+def test_image_folder_nhwc_grayscale_and_resize(tmp_path):
+    _write_images(tmp_path / "imgs", count=2, size=(12, 8))
+    gray = {"x": ((1, 4, 6, 1), np.dtype(np.float32))}  # NHWC, one channel
+    data = load_calibration(ImageFolder(str(tmp_path / "imgs"), std=(255.0,)), gray)
+    batch = next(data.batches(2))["x"]
+    assert batch.shape == (2, 4, 6, 1) and 0 <= batch.min() and batch.max() <= 1
+    # a uniform image stays uniform through stretch and crop resizing
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    PIL.fromarray(np.full((9, 20, 3), 200, np.uint8)).save(flat / "a.png")
+    for mode in ("stretch", "crop"):
+        x = next(load_calibration(ImageFolder(str(flat), resize=mode), RGB_MODEL).batches(1))
+        np.testing.assert_array_equal(x["image"], np.full((1, 3, 4, 6), 200.0, np.float32))
+
+
+def test_image_folder_errors(tmp_path):
+    _write_images(tmp_path / "imgs", count=2)
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(b"not a jpeg")
+    data = load_calibration(ImageFolder(str(tmp_path / "imgs")), RGB_MODEL)
+    with pytest.raises(CompileError, match=r"calibration image '.*broken\.jpg': cannot be decoded"):
+        list(data.batches(1))
+    folder = str(tmp_path / "imgs")
+    _refused(ImageFolder(folder, size=(5, 5)), RGB_MODEL, "--size 5x5 does not match")
+    _refused(ImageFolder(folder, mean=(1.0, 2.0)), RGB_MODEL, "mean needs 1 or 3 finite values")
+    _refused(ImageFolder(folder, std=(0.0,)), RGB_MODEL, "std must not be 0")
+    _refused(ImageFolder(folder), TWO, "a folder of images feeds a one-input model")
+    _refused(ImageFolder(folder), {"image": ((1, 5, 4, 4), np.dtype(np.float32))},
+             "has 5 channels")
+
+
+def test_image_folder_compiles_through_the_cli(tmp_path):
+    """--calib FOLDER with image options, end to end on the builder's small ResNet."""
+    from compiler.cli import main
+    from tools.model_zoo import resnet_tiny, save_model
+
+    save_model(resnet_tiny(), tmp_path / "m.onnx")
+    _write_images(tmp_path / "imgs", count=4, size=(40, 36))
+    code = main(["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "imgs"),
+                 "--out", str(tmp_path / "out"), "--mean", "127.5", "--std", "127.5",
+                 "--resize", "crop", "--calib-method", "mse", "--no-progress"])
+    assert code == 0
+    report = (tmp_path / "out" / "report.txt").read_text()
+    assert "on 4 samples (mse; calibration data images" in report and "resize crop" in report
+
+
+# --------------------------------------------------------------------------- iterables
+
+
+def test_iterable_of_dicts_rebatched():
+    images = _images(7)
+    items = [{"image": images[0]}, {"image": images[1:4]}, {"image": images[4:7]}]
+    data = load_calibration(items, ONE)
+    assert data.num_samples is None
+    batches = list(data.batches(2))
+    assert [len(b["image"]) for b in batches] == [2, 2, 2, 1]
+    np.testing.assert_array_equal(np.concatenate([b["image"] for b in batches]), images)
+    assert data.num_samples == 7
+    assert sum(len(b["image"]) for b in data.batches(5)) == 7  # a list reads again
+
+
+def test_generator_reads_once_and_says_so():
+    data = load_calibration(({"image": x} for x in _images(3)), ONE)
+    assert sum(len(b["image"]) for b in data.batches(1)) == 3
+    with pytest.raises(CompileError, match="one-shot iterator"):
+        next(data.batches(1))
+
+
+def test_iterable_item_errors_name_the_item():
+    good = {"image": _images(1)[0], "meta": _meta(1)[0]}
+    cases = [
+        ([good, {"image": _images(1)[0]}], "item 1: no array for model input(s) 'meta'"),
+        ([good, {**good, "extra": 1}], "item 1: key(s) 'extra' match no model input"),
+        ([{**good, "meta": np.zeros(4)}], "item 0: input 'meta'"),
+        ([{**good, "meta": np.array([1, np.inf, 0, 0, 0])}], "item 0: input 'meta' has 1 non-finite"),
+        ([good, [1, 2]], "item 1 is a list"),
+        ([], "no samples"),
+    ]
+    for items, fragment in cases:
+        data = load_calibration(items, TWO)
+        with pytest.raises(CompileError) as info:
+            list(data.batches(2))
+        assert fragment in str(info.value), (fragment, str(info.value))

@@ -90,12 +90,13 @@ def _two_input_model() -> onnx.ModelProto:
 
 
 def _unsupported_ops_model() -> onnx.ModelProto:
-    """input[1,4] -> Sin -> Relu -> Softmax -> Cos: three nodes without an integer lowering."""
+    """input[1,4] -> Hardmax -> Relu -> LpNormalization -> Shrink: three nodes with neither an integer
+    lowering nor a float implementation."""
     nodes = [
-        helper.make_node("Sin", ["input"], ["a"], name="my_sin"),
+        helper.make_node("Hardmax", ["input"], ["a"], name="my_hardmax", axis=1),
         helper.make_node("Relu", ["a"], ["b"], name="my_relu"),
-        helper.make_node("Softmax", ["b"], ["c"], name="my_softmax", axis=1),
-        helper.make_node("Cos", ["c"], ["y"], name="my_cos"),
+        helper.make_node("LpNormalization", ["b"], ["c"], name="my_lpnorm", axis=1),
+        helper.make_node("Shrink", ["c"], ["y"], name="my_shrink"),
     ]
     graph = helper.make_graph(nodes, "unsupported", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
@@ -142,7 +143,7 @@ def test_compile_writes_program_qdq_model_and_report(zoo, tmp_path, capsys, targ
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert captured.err == ""
-    assert sorted(p.name for p in out.iterdir()) == ["model.qdq.onnx", "model.qir", "report.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.qdq.onnx", "model.qir", "offload.json", "offload.txt", "report.txt"]
     assert f"for {target}" in captured.out and "wrote" in captured.out
 
     program = load_program(out / "model.qir")
@@ -440,7 +441,8 @@ def _bad_compile_case(case: str, zoo, d: Path) -> tuple[Path, Path, list[str]]:
         model_zoo.save_model(_unsupported_ops_model(), model)
         calib = d / "calib4.npz"
         np.savez(calib, input=np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32))
-        return model, calib, ["3 node(s)", "'my_sin' (Sin)", "'my_softmax' (Softmax)", "'my_cos' (Cos)"]
+        return model, calib, ["3 node(s)", "'my_hardmax' (Hardmax)", "'my_lpnorm' (LpNormalization)",
+                              "'my_shrink' (Shrink)"]
     if case == "dynamic_shape":
         model = d / "dynamic.onnx"
         model_zoo.save_model(_with_input_dim_param(zoo["model"], 3, "W"), model)

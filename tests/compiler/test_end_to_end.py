@@ -27,11 +27,11 @@ MIN_SQNR_DB = {"mmav2": 10.0, "mmav1": 7.0}
 
 
 @lru_cache(maxsize=None)
-def compiled(model_name: str, target: str):
+def compiled(model_name: str, target: str, multiplier_bits: int | None = None):
     model = model_zoo.MODELS[model_name]()
     calib = model_zoo.calibration_samples(model, 16, seed=0)
     evaluation = model_zoo.calibration_samples(model, EVAL_SAMPLES, seed=1)
-    return compile_model(model, target, calib), evaluation
+    return compile_model(model, target, calib, multiplier_bits=multiplier_bits), evaluation
 
 
 def run_program(program, evaluation):
@@ -62,6 +62,10 @@ def test_every_layer_matches_the_qdq_model(model_name, target):
         # Power-of-2 scales make exact ties common (every odd value before a 1-bit shift): the
         # IR rounds them half up (TIDL), QuantizeLinear half to even. Each must be an exact tie.
         assert max(c.worst_excused_tie_distance for c in checks) < 1e-9
+    elif result.target.multiplier_bits <= 16:
+        # A short multiplier (TIDL's 8 bits) makes m / 2^k a fraction with few bits, so exact ties
+        # (acc * m mod 2^k == 2^(k-1)) are common too; each excused one is a tie up to float32 noise.
+        assert max(c.worst_excused_tie_distance for c in checks) < 1e-4
     else:
         # With non-power-of-2 scales ties are rare: the excuse is not a blanket tolerance.
         total = sum(c.elements for c in checks)
@@ -70,14 +74,25 @@ def test_every_layer_matches_the_qdq_model(model_name, target):
 
 @pytest.mark.parametrize("model_name", MODELS)
 def test_end_to_end_statistics_mmav2(model_name):
-    result, evaluation = compiled(model_name, "mmav2")
+    # With 31-bit multipliers (no exact ties to speak of): the runtime's SQNR is within 0.5 dB of
+    # the QDQ model's, and it agrees with the QDQ model at least as closely as onnxruntime's two
+    # modes agree with each other.
+    result, evaluation = compiled(model_name, "mmav2", 31)
     ref, qdq_off, qdq_on = float_and_qdq(result, evaluation)
     ours = run_program(result.program, evaluation)[result.program.outputs[0]]
     ours_sqnr, qdq_sqnr = sqnr_db(ref, ours), sqnr_db(ref, qdq_off)
     assert ours_sqnr >= MIN_SQNR_DB["mmav2"]
     assert abs(ours_sqnr - qdq_sqnr) <= 0.5
-    # The runtime agrees with the QDQ model at least as closely as onnxruntime's two modes do.
     assert sqnr_db(qdq_off, ours) >= sqnr_db(qdq_off, qdq_on)
+    # TIDL's 8-bit multiplier (the default) makes m / 2^k a fraction with few bits, so exact ties
+    # are common (each one checked per layer); onnxruntime's float32 emulation resolves them
+    # either way and the differences propagate, as on mmav1. End to end it must stay accurate
+    # against float and close to the QDQ model (measured 29-42 dB on these models).
+    result, evaluation = compiled(model_name, "mmav2")
+    ref, qdq_off, _ = float_and_qdq(result, evaluation)
+    ours = run_program(result.program, evaluation)[result.program.outputs[0]]
+    assert sqnr_db(ref, ours) >= MIN_SQNR_DB["mmav2"]
+    assert sqnr_db(qdq_off, ours) >= 20.0
 
 
 def _with_rounding(program, rounding):

@@ -88,7 +88,10 @@ def test_golden_numbers_follow_the_contract():
     s_w = qparams[first_weight].scale
     ratio = np.float64(s_x) * s_w.astype(np.float64) / np.float64(s_y)
     m, k = conv.params["multiplier"].astype(np.float64), conv.params["shift"].astype(np.float64)
-    assert np.all(np.abs(m / 2.0**k - ratio) <= ratio * 2.0**-30)
+    # mmav2's 8-bit multiplier (TIDL): m in [128, 255], and the weight scale was nudged so that
+    # m / 2^k reproduces s_x * s_w / s_y to float32 precision (a few 2^-24 ulps).
+    assert np.all((m >= 128) & (m <= 255))
+    assert np.all(np.abs(m / 2.0**k - ratio) <= ratio * 2.0**-22)
     assert conv.params["clamp_lo"][0] == 0 and conv.params["clamp_hi"][0] == 255
     pool = program.layers[1]
     assert pool.op == "maxpool" and program.tensors["p1"].scale[0] == program.tensors["r1"].scale[0]

@@ -41,8 +41,9 @@ def small_net():
 
 def test_default_passes_order():
     assert [p.name for p in default_passes()] == [
-        "name_nodes", "remove_identity", "fold_constants", "remove_dead_code", "fold_batchnorm",
-        "normalize_gemm", "fold_pad_into_conv", "fuse_activations"]
+        "name_nodes", "remove_identity", "fold_constants", "simplify_casts", "sum_to_add", "prelu_slope_per_channel",
+        "matmul_add_to_gemm", "remove_dead_code", "fold_batchnorm",
+        "normalize_gemm", "fold_pad_into_conv", "fuse_elementwise_chains", "fuse_activations"]
 
 
 def test_pipeline_end_to_end():

@@ -95,12 +95,16 @@ def test_feed_errors_name_the_input():
 
 def test_unsupported_layers_and_bad_programs_raise_program_error():
     p = fork_program()
-    p.layers[1].kind = "lut"
-    with pytest.raises(ProgramError, match="layer 'to16'.*not implemented in IR v1 runtime"):
+    p.layers[1].kind = "tensorcore"
+    with pytest.raises(ProgramError, match="layer 'to16'.*unknown kind 'tensorcore'"):
         execute(p, feed())
     p = fork_program()
-    p.layers[0].op = "softmax"
-    with pytest.raises(ProgramError, match="layer 'conv1' \\(softmax\\): unknown op"):
+    p.layers[1].kind = "lut"
+    with pytest.raises(ProgramError, match="layer 'to16'.*kind 'lut' and op 'lut' go together"):
+        execute(p, feed())
+    p = fork_program()
+    p.layers[0].op = "fft"
+    with pytest.raises(ProgramError, match="layer 'conv1' \\(fft\\): unknown op"):
         execute(p, feed())
     p = fork_program()
     p.layers[1], p.layers[2] = p.layers[2], p.layers[1]

@@ -1,0 +1,147 @@
+"""Automatic mixed precision (``--auto-16bit``): keep the most sensitive layers in 16 bits.
+
+Sensitivity of layer L: the output SQNR of the QDQ model in which L alone is 8-bit and every
+other layer is 16-bit, against the float model, on (a few of) the calibration samples. A low
+value means L alone already costs the output much; 16-bit layers elsewhere add next to no noise,
+so the measure isolates L. Layers are then promoted to 16 bits, most sensitive first, one at a
+time, each step measuring the whole model's output SQNR (8-bit except the promoted layers),
+until the SQNR reaches ``target_db`` or ``max_layers`` layers are promoted.
+
+Cost: one QDQ build and run per candidate layer and per promotion, on ``samples`` samples;
+scale selection runs twice (all 8-bit, all 16-bit) and trials mix the two tables (``_Scorer``).
+Candidates: integer layers with their own (calibrated) output scale or weights; pass-through
+layers (MaxPool, Reshape) follow their input and are not candidates.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from itertools import islice
+
+import numpy as np
+import onnx
+from onnx import version_converter
+
+from passes.graph import opset_version
+from passes.insert_qdq import InsertQDQ
+from passes.layer_plan import LayerPlan
+from passes.qparams import QParamTable
+from passes.targets import TargetPreset
+
+from .calibration import TensorRange
+from .calibration_data import CalibrationSet
+from .metrics import sqnr_db
+from .onnx_runner import make_session
+from .scales import choose_qparams
+
+
+@dataclass
+class MixedPrecision:
+    """The outcome: the preset with its 16-bit layers, and what was measured on the way."""
+
+    preset: TargetPreset
+    promoted: list[str]
+    sensitivity: dict[str, float]  # layer -> output SQNR (dB) with only that layer at 8 bits
+    sqnr_8bit_db: float  # all layers 8-bit (plus any named 16-bit layers), calibration samples
+    sqnr_db: float  # with the promoted layers, same samples
+    target_db: float
+    steps: list[tuple[str, float]] = field(default_factory=list)  # (layer promoted, SQNR after)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        met = "reached" if self.sqnr_db >= self.target_db else "not reached"
+        names = ", ".join(self.promoted[:8]) + (", ..." if len(self.promoted) > 8 else "")
+        return (f"auto-16bit: {len(self.promoted)} layer(s) promoted to 16 bits ({names or 'none'}); output SQNR "
+                f"on calibration samples {self.sqnr_8bit_db:.2f} -> {self.sqnr_db:.2f} dB, target "
+                f"{self.target_db:g} dB {met}; {self.seconds:.1f} s")
+
+
+class _Scorer:
+    """Output SQNR of a QDQ model against the float model, on fixed samples.
+
+    Scale selection and the 16-bit opset conversion are slow on a real model, so they run once:
+    ``narrow`` is the table of the preset as given, ``wide`` the table with every candidate in
+    16 bits, and a trial takes each layer's tensors (its outputs, weight and bias; and the
+    outputs of pass-through layers that follow it) from one table or the other. The final
+    compile re-runs scale selection with the chosen layers, so this approximation only ranks.
+    """
+
+    def __init__(self, model: onnx.ModelProto, plan: LayerPlan, ranges: dict[str, TensorRange],
+                 data: CalibrationSet, samples: int, preset: TargetPreset, candidates: list[str]):
+        self.plan = plan
+        self.feeds = list(islice(data.batches(1), samples))
+        self.outputs = [o.name for o in model.graph.output]
+        session = make_session(model, optimize=False)
+        self.reference = self._flat([session.run(self.outputs, f) for f in self.feeds])
+        self.narrow = choose_qparams(model, plan, ranges, preset)
+        self.wide = choose_qparams(model, plan, ranges,
+                                   replace(preset, layers_16bit=tuple(preset.layers_16bit) + tuple(candidates)))
+        self.model = model
+        if opset_version(model) < 21:  # 16-bit Q/DQ needs opset 21: convert once, not per trial
+            try:
+                self.model = version_converter.convert_version(model, 21)
+            except (RuntimeError, ValueError):
+                self.model = model  # InsertQDQ converts (and reports a failure) per trial
+
+    @staticmethod
+    def _flat(runs: list[list[np.ndarray]]) -> np.ndarray:
+        return np.concatenate([np.concatenate([np.asarray(o).reshape(-1) for o in run]) for run in runs])
+
+    def table(self, wide_layers: set[str], default_wide: bool) -> QParamTable:
+        """The ``wide`` table (``default_wide``) or the ``narrow`` one, with the layers in
+        ``wide_layers`` taken from the other."""
+        table = QParamTable(self.wide if default_wide else self.narrow)
+        other = self.narrow if default_wide else self.wide
+        switched: set[str] = set()
+        for group in self.plan.groups:
+            follows = group.scale_rule == "inherit" and group.inputs and group.inputs[0] in switched
+            if group.name in wide_layers or follows:
+                for tensor in list(getattr(group, "quantized_outputs", [group.output])) + [group.weight, group.bias]:
+                    if tensor and tensor in other:
+                        table[tensor] = other[tensor]
+                        switched.add(tensor)
+        return table
+
+    def __call__(self, table: QParamTable) -> float:
+        session = make_session(InsertQDQ(self.plan, table)(self.model).model, optimize=False)
+        return sqnr_db(self.reference, self._flat([session.run(self.outputs, f) for f in self.feeds]))
+
+
+def candidate_layers(plan: LayerPlan) -> list[str]:
+    """Integer layers whose precision is their own choice: weighted or calibrated-output layers."""
+    return [g.name for g in plan.groups
+            if getattr(g, "kind", "integer") != "float" and (g.weight is not None or g.scale_rule == "calibrated")]
+
+
+def choose_16bit_layers(model: onnx.ModelProto, plan: LayerPlan, ranges: dict[str, TensorRange],
+                        preset: TargetPreset, data: CalibrationSet, target_db: float,
+                        max_layers: int | None = None, samples: int = 8) -> MixedPrecision:
+    """Rank layers by sensitivity and promote them to 16 bits (module docstring)."""
+    start = time.perf_counter()
+    fixed = tuple(preset.layers_16bit)
+    candidates = [n for n in candidate_layers(plan) if n not in fixed]
+    result = MixedPrecision(preset, [], {}, float("nan"), float("nan"), target_db)
+    if preset.weight_bits != 8 or not candidates:
+        result.seconds = time.perf_counter() - start
+        return result
+    score = _Scorer(model, plan, ranges, data, samples, preset, candidates)
+    baseline = score(score.narrow)
+    result.sqnr_8bit_db = result.sqnr_db = baseline
+    if baseline >= target_db:
+        result.seconds = time.perf_counter() - start
+        return result
+    for name in candidates:  # only ``name`` narrow, everything else wide
+        result.sensitivity[name] = score(score.table({name}, default_wide=True))
+    ranking = sorted(candidates, key=lambda n: result.sensitivity[n])
+    budget = len(ranking) if max_layers is None else min(max_layers, len(ranking))
+    current = baseline
+    for name in ranking[:budget]:
+        result.promoted.append(name)
+        current = score(score.table(set(result.promoted), default_wide=False))
+        result.steps.append((name, current))
+        if current >= target_db:
+            break
+    result.preset = replace(preset, layers_16bit=fixed + tuple(result.promoted))
+    result.sqnr_db = current
+    result.seconds = time.perf_counter() - start
+    return result
