@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from passes.base import PassRecord
+from passes.base import PassRecord, PassResult
 from passes.constant_folding import FoldConstants
 from passes.equalization import ClipWeightOutliers, EqualizeLayers
 from passes.errors import PassError
@@ -30,7 +30,7 @@ from .bias_correction import correct_biases
 from .calibration import METHODS as CALIBRATION_METHODS
 from .calibration import collect_ranges
 from .calibration_data import load_calibration
-from .dump import DumpInstrument
+from .dump import DumpInstrument, record_step
 from .errors import CompileError
 from .loader import load_model
 from .lowering import lower_program
@@ -163,11 +163,24 @@ def compile_model(model_or_path, target: str = "mmav2", calibration=None, *, bit
     try:
         # Constants first (QDQ is never folded), so scales computed from constants in the graph
         # (as some PyTorch exports do) are constants when the import reads them.
-        imported = ImportQDQ()(FoldConstants()(loaded.model).model) if prequantized else None
+        # Both are one recorded step, 00_import_qdq in --dump-dir (before the pipeline's 01...).
+        imported, pre_records = None, []
+        if prequantized:
+            folded = FoldConstants()(loaded.model)
+            imported = ImportQDQ()(folded.model)
+            changes = ([f"constants folded first: {c}" for c in folded.changes] if folded.modified else []) + \
+                imported.changes
+            pre_records.append(record_step(instruments, 0, 0, ImportQDQ.name, len(loaded.model.graph.node),
+                                           PassResult(imported.model, imported.modified, changes),
+                                           time.perf_counter() - clock))
         pipeline = run_default_pipeline(imported.model if imported else loaded.model, instruments=instruments)
         model = pipeline.model
         if prequantized:
-            model = KeepQDQBoundaries()(model).model
+            step = time.perf_counter()
+            kept = KeepQDQBoundaries()(model)
+            pre_records.append(record_step(instruments, len(pipeline.records) + 1, 1, KeepQDQBoundaries.name,
+                                           len(model.graph.node), kept, time.perf_counter() - step))
+            model = kept.model
             report.notes.extend(imported.changes)
         elif equalize or weight_clip is not None:
             model = _condition_weights(model, equalize, weight_clip, report)
@@ -176,7 +189,7 @@ def compile_model(model_or_path, target: str = "mmav2", calibration=None, *, bit
         check_float_groups(plan)
     except PassError as exc:
         raise _in_file(source_name, exc) from None
-    report.pass_records = pipeline.records
+    report.pass_records = pre_records[:1] + pipeline.records + pre_records[1:]
     if not pipeline.converged:
         report.notes.append("pass pipeline stopped at its round cap before converging")
     report.stage("passes", clock)
@@ -225,7 +238,8 @@ def compile_model(model_or_path, target: str = "mmav2", calibration=None, *, bit
         raise _in_file(source_name, exc) from None
     qdq_model = qdq_result.model
     for inst in instruments:
-        record = PassRecord(len(pipeline.records) + 1, 1, InsertQDQ.name, len(model.graph.node),
+        record = PassRecord(report.pass_records[-1].index + 1 if report.pass_records else 1, 1, InsertQDQ.name,
+                            len(model.graph.node),
                             len(qdq_model.graph.node), True, qdq_result.changes, time.perf_counter() - clock)
         report.pass_records.append(record)
         inst.after_pass(record, qdq_model)

@@ -72,6 +72,9 @@ def estimate_range(hist: AbsHistogram, method: str, qmax: int,
     """(lo, hi) = (max(min, -T), min(max, T)) for the threshold T that ``method`` picks on the
     |x| histogram, T <= max|x|. The sign of lo is the sign of the data's minimum, so a
     non-negative tensor stays non-negative, and max(|lo|, |hi|) = T."""
+    key = (method, qmax, percentile if method == "percentile" else None)
+    if key in hist.estimates:  # scale selection may ask again (mixed precision tries layouts)
+        return hist.estimates[key]
     counts, width = hist.counts, hist.bin_width
     if method in ("entropy", "mse") and hist.zeros:
         # Exact zeros (ReLU outputs: often half the values) are exact on every grid: they carry
@@ -89,7 +92,8 @@ def estimate_range(hist: AbsHistogram, method: str, qmax: int,
     else:
         raise ValueError(f"method '{method}' does not read a histogram")
     threshold = min(threshold, hist.peak)
-    return max(hist.min, -threshold), min(hist.max, threshold)
+    hist.estimates[key] = max(hist.min, -threshold), min(hist.max, threshold)
+    return hist.estimates[key]
 
 
 # --------------------------------------------------------------------------- observers (pure numpy)
@@ -119,7 +123,8 @@ class MinMaxObserver:
         self.add(lo, hi, x.size)
 
     def add(self, lo: float, hi: float, count: int) -> None:
-        """Fold in a batch summarised by its minimum, maximum and number of values."""
+        """Fold in a batch summarised by its minimum, maximum and number of values (any positive
+        count marks the observer non-empty)."""
         self.min = min(self.min, lo)
         self.max = max(self.max, hi)
         self.count += count
@@ -172,6 +177,7 @@ class AbsHistogram:
         self.max = -math.inf
         self.total = 0
         self.zeros = 0  # values exactly 0 (counted in bin 0 too)
+        self.estimates: dict[tuple, tuple[float, float]] = {}  # estimate_range's, until update
         self._needles = np.arange(num_bins + 1, dtype=np.uint16)
 
     @property
@@ -196,6 +202,7 @@ class AbsHistogram:
         if lo is None or hi is None:
             lo, hi = float(x.min()), float(x.max())
         _check_finite(lo, hi, x)
+        self.estimates.clear()
         peak = max(-lo, hi, 0.0)
         if self.bound == 0.0:
             self.bound = _power_of_two_above(peak)

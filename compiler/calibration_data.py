@@ -273,7 +273,7 @@ def _open_folder(path: str, specs: Mapping[str, InputSpec]) -> dict:
             raise CompileError(f"{where}: one-sample .npy files feed a one-input model; this model "
                                f"has inputs {_quoted(names)}: give one .npz per sample (one array "
                                f"per input) or {', '.join(n + '.npy' for n in names)}")
-        return {names[0]: _sample_files(files, None, specs[names[0]], where)}
+        return {names[0]: _sample_files(files, None, specs[names[0]], where, names[0])}
     keys = list(_open_npz(files[0]))
     if len(names) == 1 and len(keys) == 1:
         keys_for = {names[0]: keys[0]}
@@ -283,8 +283,8 @@ def _open_folder(path: str, specs: Mapping[str, InputSpec]) -> dict:
     return {n: _sample_files(files, keys_for[n], specs[n], where) for n in names}
 
 
-def _sample_files(files: list[str], key: str | None, spec: InputSpec,
-                  where: str) -> _SampleFilesSource:
+def _sample_files(files: list[str], key: str | None, spec: InputSpec, where: str,
+                  _input_name: str = "input") -> _SampleFilesSource:
     """Check every file's header (shape and dtype, no data read) and make the source."""
     shape = tuple(spec[0])
     first = None
@@ -301,8 +301,10 @@ def _sample_files(files: list[str], key: str | None, spec: InputSpec,
         if len(sample) != len(shape) - 1 or any(
                 isinstance(e, int) and e != g for e, g in zip(shape[1:], sample)):
             want = tuple(e if isinstance(e, int) else "?" for e in shape[1:])
+            hint = "" if key is not None else (f"; a stacked array of samples goes in a file "
+                                                f"named after the input, e.g. '{_input_name}.npy'")
             raise CompileError(f"calibration data '{path}': one sample must have shape {want} "
-                               f"(or {(1,) + want}), got {tuple(got_shape)}")
+                               f"(or {(1,) + want}), got {tuple(got_shape)}{hint}")
         if first is None:
             first, common = tuple(sample), dtype
         elif tuple(sample) != first:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnx
 
-from passes.base import Instrument, PassRecord
+from passes.base import Instrument, PassRecord, PassResult
 
 SUMMARY_FILE = "summary.txt"
 
@@ -21,6 +21,18 @@ def dump_file_name(record: PassRecord) -> str:
     """``NN_<pass name>.onnx``, the pass name made safe for a file name."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", record.name) or "pass"
     return f"{record.index:02d}_{safe}.onnx"
+
+
+def record_step(instruments, index: int, round_no: int, name: str, nodes_before: int, result: PassResult,
+                seconds: float) -> PassRecord:
+    """A pass run outside the PassManager (the QDQ import before the pipeline, the QDQ boundary
+    fix-up and QDQ insertion after it) as a ``PassRecord``, handed to every instrument as the
+    pipeline's own runs are: ``--dump-dir`` gets its model file and its summary line."""
+    record = PassRecord(index, round_no, name, nodes_before, len(result.model.graph.node), result.modified,
+                        list(result.changes), seconds)
+    for inst in instruments:
+        inst.after_pass(record, result.model)
+    return record
 
 
 class DumpInstrument(Instrument):

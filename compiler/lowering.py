@@ -148,6 +148,8 @@ def rescale_ratios(group: LayerGroup, table: QParamTable, preset: TargetPreset, 
     Scale selection puts these in ``QParamTable.consumer_scales`` so the QDQ model reads the
     inputs as the IR's arithmetic does. Other ops: {}."""
     op = group.op_type
+    if chain_end_of(group.node):
+        return {}  # a lookup table reads its input exactly as encoded
     s_y = np.float64(table[group.output].scale[0]) if group.output in table else None
     scales = [np.float64(table[i].scale[0]) for i in group.inputs]
     if op in ("Add", "Sub") and len(scales) == 2:  # Sub: the add rule with m_b < 0 (lower_arith_ops)
@@ -251,9 +253,10 @@ class Lowering(ShapeOpLowering, ArithmeticOpLowering, FloatFallbackLowering):
             layer = self.lower_float_group(group)
             layer.source_nodes = group.source_nodes
             return layer
-        lower = getattr(self, f"_lower_{group.op_type.lower()}")
         if chain_end_of(group.node):
             lower = self._lower_lut  # an elementwise chain: one lookup table (lower_arith_ops.py)
+        else:
+            lower = getattr(self, f"_lower_{group.op_type.lower()}")
         layer = lower(group)
         layer.source_nodes = group.source_nodes
         return layer

@@ -9,8 +9,8 @@ until the SQNR reaches ``target_db`` or ``max_layers`` layers are promoted.
 
 Cost: one QDQ build and run per candidate layer and per promotion, on ``samples`` samples;
 scale selection runs twice (all 8-bit, all 16-bit) and trials mix the two tables (``_Scorer``).
-Candidates: integer layers with their own (calibrated) output scale or weights; pass-through
-layers (MaxPool, Reshape) follow their input and are not candidates.
+Candidates: the integer weighted layers (``candidate_layers``); a promoted layer's weights and
+output become 16-bit, and pass-through layers after it (MaxPool, Reshape) follow its output.
 """
 from __future__ import annotations
 
@@ -49,6 +49,8 @@ class MixedPrecision:
     seconds: float = 0.0
 
     def summary(self) -> str:
+        if np.isnan(self.sqnr_db):
+            return "auto-16bit: nothing to promote (the preset is already 16-bit or has no weighted layer)"
         met = "reached" if self.sqnr_db >= self.target_db else "not reached"
         names = ", ".join(self.promoted[:8]) + (", ..." if len(self.promoted) > 8 else "")
         return (f"auto-16bit: {len(self.promoted)} layer(s) promoted to 16 bits ({names or 'none'}); output SQNR "
@@ -108,9 +110,9 @@ class _Scorer:
 
 
 def candidate_layers(plan: LayerPlan) -> list[str]:
-    """Integer layers whose precision is their own choice: weighted or calibrated-output layers."""
-    return [g.name for g in plan.groups
-            if getattr(g, "kind", "integer") != "float" and (g.weight is not None or g.scale_rule == "calibrated")]
+    """The integer weighted layers (Conv, Gemm, MatMul): where 16 bits buy both finer weights and
+    a finer output. Add, pooling and table layers keep the preset's width."""
+    return [g.name for g in plan.groups if getattr(g, "kind", "integer") == "integer" and g.weight is not None]
 
 
 def choose_16bit_layers(model: onnx.ModelProto, plan: LayerPlan, ranges: dict[str, TensorRange],

@@ -60,7 +60,8 @@ class OffloadReport:
             lines.append("float layers by reason:")
             lines.extend(f"  {n:4d} x {op}: {reason}" for (op, reason), n in sorted(self.float_reasons().items()))
         if self.unmatched_deny:
-            lines.append(f"deny-list entries that match no node: {', '.join(self.unmatched_deny)}")
+            lines.append(f"deny-list entries that match no layer's node: {', '.join(self.unmatched_deny)} "
+                         "(a Relu/Clip fused into its producer is part of that layer: deny the producer)")
         lines.append("nodes:")
         width = max([len(e.node) for e in self.entries] + [4])
         for e in self.entries:

@@ -14,6 +14,9 @@ lowering read, unchanged (``source="qdq:<tensor>"``), and checks them against th
   ``requantize`` layer with the activation's clamp (``PrequantizedLowering``).
 - the bias is re-expressed in units of s_x * s_w (the accumulator's) when the QDQ model's bias
   scale is not float32(s_x * s_w), or when the bias is float (PyTorch exports): q_b = round(b / (s_x s_w)).
+  A grouped ConvTranspose's per-channel weight scales lie on ONNX axis 1, which holds C_out/group
+  channels: output channel o uses s_w[o mod (C_out/group)], so its bias scale is s_x * s_w[o mod (C_out/group)]
+  (``output_channel_weight_qparams``; the lowering tiles the weight scales the same way).
 - requantization: the scales are given, so nothing is nudged. A preset with a narrow multiplier
   (0 < bits < 31) is lowered with 31-bit multipliers instead, and the report says so; a shift-only
   preset keeps m = 1 (its scales are powers of two).
@@ -210,14 +213,29 @@ def _bcast(values: np.ndarray, qp: QParams, ndim: int) -> np.ndarray:
     return values.reshape(shape)
 
 
+def output_channel_weight_qparams(group: LayerGroup, w_qp: QParams) -> QParams:
+    """The weight encoding indexed by output channel, as the bias and the IR weight are.
+
+    A grouped ConvTranspose's weight is [C_in, C_out/group, kh, kw]: its ONNX axis 1 holds only
+    C_out/group channels, and output channel o = g * (C_out/group) + j takes scale s_w[j]
+    (``Lowering._lower_convtranspose`` tiles it the same way), so the per-channel scales are
+    repeated once per group: C_out entries, s_w[o mod (C_out/group)]. Any other op: unchanged."""
+    groups = int(get_attr(group.node, "group", 1)) if group.op_type == "ConvTranspose" else 1
+    if groups == 1 or not w_qp.per_channel:
+        return w_qp
+    return QParams(np.tile(w_qp.scale, groups), np.tile(w_qp.zero_point, groups), w_qp.dtype, axis=0,
+                   source=w_qp.source)
+
+
 def _finish_bias(group: LayerGroup, table: QParamTable, annotations: dict, index: GraphIndex,
                  target: TargetPreset, notes: list[str]) -> None:
-    """Bias in the accumulator's units: scale float32(s_x * s_w[c]), zero point 0; its integers
-    must fit the preset's bias type."""
+    """Bias in the accumulator's units: scale float32(s_x * s_w[c]) per output channel c (for a
+    grouped ConvTranspose s_w[c mod (C_out/group)], ``output_channel_weight_qparams``), zero
+    point 0; its integers must fit the preset's bias type."""
     if not group.bias:
         return
     s_x = table[group.inputs[0]].scale[0]
-    w_qp = table[group.weight]
+    w_qp = output_channel_weight_qparams(group, table[group.weight])
     wanted = bias_qparams(s_x, w_qp, target)
     ann = annotations.get(group.bias)
     if ann is not None:
@@ -388,7 +406,12 @@ class PrequantizedLowering(Lowering):
         weight = ctx.index.constant(group.weight)
         axis = weight_output_axis(group.node)
         q_w = quantize_constant(weight, qp_w).astype(np.int64) - _bcast(qp_w.zero_point, qp_w, weight.ndim)
-        per_channel = np.abs(np.moveaxis(q_w, axis, 0)).reshape(weight.shape[axis], -1).sum(axis=1)
+        groups = int(get_attr(group.node, "group", 1)) if group.op_type == "ConvTranspose" else 1
+        if groups > 1:  # [C_in, C_out/g, ...] -> output-major [C_out, C_in/g, ...]: each channel its own group's taps
+            c_in, c_out_g = q_w.shape[:2]
+            q_w = q_w.reshape(groups, c_in // groups, c_out_g, -1).transpose(0, 2, 1, 3).reshape(groups * c_out_g, -1)
+            axis = 0
+        per_channel = np.abs(np.moveaxis(q_w, axis, 0)).reshape(q_w.shape[axis], -1).sum(axis=1)
         zp_x = int(qp_x.zero_point[0])
         x_max = max(abs(qp_x.qmin - zp_x), abs(qp_x.qmax - zp_x))
         bound = float(per_channel.max()) * x_max + 2.0**31

@@ -135,10 +135,11 @@ def entropy_divergences(counts, levels: int, candidates) -> np.ndarray:
 
 
 def entropy_threshold(counts, width: float, levels: int) -> float:
-    """T = i w for the candidate i in [min(levels, top + 1), top + 1] with the least
-    KL(P_i || Q_i) (``entropy_divergences``; ties go to the smaller T), top the last non-empty
-    bin. ``levels`` is the number of quantized bins on |x|: 128 for int8, 256 for uint8. With
-    ``levels`` >= the number of bins (16-bit), Q equals P and nothing is clipped."""
+    """T = i w for the candidate i in [levels, top + 1] with the least KL(P_i || Q_i)
+    (``entropy_divergences``; ties go to the smaller T), top the last non-empty bin: as TensorRT,
+    which starts at i = 128 of 2048 bins. ``levels`` is the number of quantized bins on |x|: 128
+    for int8, 256 for uint8. With ``levels`` > top (16-bit), Q_i is the clipped P_i itself, any
+    clipping costs KL > 0 (Gibbs), and T = (top + 1) w clips nothing."""
     if levels < 1:
         raise ValueError(f"levels must be >= 1, got {levels}")
     c, top = _checked(counts, width)

@@ -76,7 +76,10 @@ class CompileReport:
         adj = self.adjustment_lines()
         if adj:
             lines.append(adj[1])
-            lines.extend(line for line in adj[2:] if "bits so the bias fits" in line)
+            fits = [line for line in adj[2:] if "bits so the bias fits" in line]
+            lines.extend(fits[:5])
+            if len(fits) > 5:
+                lines.append(f"  ... {len(fits) - 5} more layers lost weight bits to the bias (report.txt)")
         return "\n".join(lines)
 
     def text(self) -> str:

@@ -112,7 +112,7 @@ class ScaleAdjustment:
             return f"{self.layer}: weight scale {self.tensor} nudged by up to {self.amount:.3%} so m/2^k is exact"
         if self.kind == "output_nudge":
             return f"{self.layer}: output scale {self.tensor} nudged by {self.amount:.3%} so its widest input's m/2^k is exact"
-        return f"{self.layer}: weight scale {self.tensor} raised {self.amount:.2f} bits so the bias fits"
+        return f"{self.layer}: weight scale {self.tensor} raised {self.amount:.2f} bits so the bias fits (worst channel)"
 
 
 class QParamTable(dict):

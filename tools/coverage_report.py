@@ -154,7 +154,10 @@ def measure(name: str, model, calib: dict, evaluation: dict, shapes: dict | None
         try:
             result = compile_model(model, target, calib, input_shapes=shapes or None)
         except CompileError as exc:
-            row.error = str(exc).replace("\n", " | ")
+            row.error = f"{target}: " + str(exc).replace("\n", " | ")
+            break
+        except Exception as exc:  # noqa: BLE001 - a compiler bug: reported in the table, the run goes on
+            row.error = f"{target}: internal error {type(exc).__name__}: {exc}".replace("\n", " | ")
             break
         program = result.program
         if target == TARGETS[0]:
@@ -270,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="first-input shape of models whose file name contains SUBSTRING")
     parser.add_argument("--calib", type=int, default=8, help="calibration samples (default 8)")
     parser.add_argument("--eval", type=int, default=4, help="evaluation samples (default 4)")
+    parser.add_argument("--match", nargs="*", default=[], metavar="SUBSTRING",
+                        help="only models whose name contains one of these")
     parser.add_argument("--out", help="also write the table (markdown) here")
     args = parser.parse_args(argv)
     shapes = dict(DEFAULT_SHAPES)
@@ -295,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for source in sources:
         for name, model, calib, evaluation, error in source:
+            if args.match and not any(m in name for m in args.match):
+                continue
             if error:
                 rows.append(Row(name, error=error))
             else:

@@ -35,11 +35,13 @@ class OrtOptions:
     activation: str = "uint8"  # uint8 | int8 | uint16 | int16
     weight: str = "int8"
     symmetric_activations: bool = False
+    quantize_bias: bool = True  # False: biases stay float (QuantizeBias=False)
 
     @property
     def label(self) -> str:
         return (f"{'per-channel' if self.per_channel else 'per-tensor'} act={self.activation} w={self.weight}"
-                + (" ActivationSymmetric" if self.symmetric_activations else ""))
+                + (" ActivationSymmetric" if self.symmetric_activations else "")
+                + ("" if self.quantize_bias else " float-bias"))
 
 
 def folded_float_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -72,6 +74,32 @@ def decoder_net(seed: int = 0) -> onnx.ModelProto:
              helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=1)]
     graph = helper.make_graph(nodes, "decoder_net", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def grouped_transpose_net(seed: int = 0, group: int = 2) -> onnx.ModelProto:
+    """Conv+Relu -> grouped ConvTranspose (stride 2, 6 -> 6 channels, ``group`` groups; weight
+    [6, 6/group, 2, 2]) with a bias, opset 13. The weight's channels along axis 1 have very
+    different ranges (x1, x3, x0.2), so per-channel scales differ and a bias scale taken from the
+    wrong channel shows. onnxruntime's ``quantize_static`` cannot quantize its bias per channel
+    (it divides the 6 biases by the 6/group weight scales): quantize it with ``quantize_bias=False``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    c_out_g = 6 // group
+    spread = np.resize(np.array([1.0, 3.0, 0.2]), c_out_g).reshape(1, c_out_g, 1, 1)
+    inits = {"w1": rng.normal(0, .3, (6, 3, 3, 3)), "b1": rng.normal(0, .1, 6),
+             "wt": rng.normal(0, .3, (6, c_out_g, 2, 2)) * spread, "bt": rng.normal(0, .5, 6)}
+    inits = {k: v.astype(np.float32) for k, v in inits.items()}
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["a"], name="relu1"),
+             helper.make_node("ConvTranspose", ["a", "wt", "bt"], ["up_out"], name="up", strides=[2, 2], group=group)]
+    graph = helper.make_graph(nodes, "grouped_transpose_net",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("up_out", TensorProto.FLOAT, [1, 6, 16, 16])],
                               [numpy_helper.from_array(v, k) for k, v in inits.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -114,7 +142,7 @@ def ort_qdq_model(model: onnx.ModelProto, samples: dict[str, np.ndarray], option
                     op.version = 21
             source.ir_version = max(source.ir_version, 10)
         onnx.save(source, src)
-        extra = {"ActivationSymmetric": options.symmetric_activations}
+        extra = {"ActivationSymmetric": options.symmetric_activations, "QuantizeBias": options.quantize_bias}
         if wide:
             extra["UseQDQContribOps"] = False
         quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=options.per_channel,
@@ -199,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     for options in FIXTURES[:5]:
         qdq = ort_qdq_model(decoder, decoder_samples(8, 0), options)
         rows.append(measure(f"decoder_net {options.label}", qdq, decoder, decoder_samples(args.samples, 1))[0])
+    for group in (2, 3):  # per-channel weights on axis 1 hold C_out/group scales; biases stay float in ORT
+        net = grouped_transpose_net(group=group)
+        qdq = ort_qdq_model(net, decoder_samples(8, 0), OrtOptions(quantize_bias=False))
+        rows.append(measure(f"grouped ConvTranspose group={group} per-channel act=uint8 float-bias", qdq, net,
+                            decoder_samples(args.samples, 1))[0])
     from tools.make_torch_qdq import pytorch_style_fixture
 
     fixture, float_fixture, samples = pytorch_style_fixture()

@@ -403,3 +403,13 @@ def test_programs_with_these_ops_survive_save_and_load(tmp_path):
     loaded = load_program(paths["program"])
     assert loaded.to_text() == result.program.to_text()
     np.testing.assert_array_equal(loaded.run({"x": calib["x"][:1]})["y"], result.program.run({"x": calib["x"][:1]})["y"])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_chain_headed_by_a_binary_op_of_one_tensor(target):
+    """x + x -> ThresholdedRelu (threshold below the range: continuous there): the head reads x
+    twice, and the last op has no single-op lowering."""
+    nodes = [helper.make_node("Add", ["x", "x"], ["d"]), helper.make_node("ThresholdedRelu", ["d"], ["y"], alpha=-10.0)]
+    result, _ = compile_and_check(make(nodes, {"x": SHAPE}), target, lipschitz=2.0)
+    assert layer_ops(result) == [("lut", "lut")]
+    assert result.qparams.consumer_scales == {}

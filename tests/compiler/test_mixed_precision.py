@@ -82,6 +82,16 @@ def test_budget_and_reached_target_stop_the_search():
     assert easy.promoted == [] and easy.sensitivity == {}
 
 
+def test_a_16bit_preset_has_nothing_to_promote():
+    loaded = load_model(one_bad_layer_model())
+    model = run_default_pipeline(loaded.model).model
+    plan = plan_layers(model)
+    data = load_calibration(samples(4, 0), loaded.inputs)
+    ranges = collect_ranges(model, plan.activation_tensors(), data)
+    mixed = choose_16bit_layers(model, plan, ranges, get_target("mmav2", 16), data, 40.0)
+    assert mixed.promoted == [] and "nothing to promote" in mixed.summary()
+
+
 def test_compile_with_auto_16bit_improves_sqnr_on_evaluation_data():
     calib, evaluation = samples(8, 0), samples(8, 1)
     plain = compile_model(one_bad_layer_model(), "mmav2", calib)

@@ -4,6 +4,7 @@ onnxruntime running that same QDQ model (optimizations off): per layer fed the s
 (equal except genuine ties), end to end statistically; plus the target checks and the errors."""
 from __future__ import annotations
 
+import re
 from functools import cache
 from pathlib import Path
 
@@ -15,8 +16,11 @@ from onnx import numpy_helper
 from compiler.api import compile_model
 from compiler.cli import main as cli_main
 from compiler.errors import CompileError
-from compiler.prequantized import check_layers_against_source
+from compiler.metrics import sqnr_db
+from compiler.onnx_runner import make_session
+from compiler.prequantized import PrequantizedLowering, check_layers_against_source
 from compiler.verify import check_layers
+from passes.qdq_import import read_annotations
 from tools import model_zoo
 from tools.make_torch_qdq import pytorch_style_fixture
 from tools.prequantized_report import (
@@ -24,8 +28,10 @@ from tools.prequantized_report import (
     decoder_net,
     decoder_samples,
     folded_float_model,
+    grouped_transpose_net,
     measure,
     ort_qdq_model,
+    run_rows,
 )
 
 EVAL = 4
@@ -85,6 +91,145 @@ def test_conv_transpose_resize_concat_reshape(options):
         assert result.qparams[weight].axis == 1 and result.qparams[weight].scale.size == 4
     assert_ties_only(check_layers_against_source(result, {"input": evaluation["input"][:1]}))
     assert abs(m.sqnr_runtime - m.sqnr_ort_qdq) <= 0.5 and m.sqnr_runtime_vs_ort >= 30.0
+
+
+def _with_int32_bias(qdq: onnx.ModelProto, node_name: str) -> onnx.ModelProto:
+    """``qdq`` with the float bias of ``node_name`` behind an int32 DequantizeLinear, per output
+    channel on axis 0 at s_x * s_w[o mod (C_out/group)] (a ConvTranspose: weight scales on axis 1),
+    computed here from the model's own scale initializers."""
+    out = onnx.ModelProto()
+    out.CopyFrom(qdq)
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    producers = {o: n for n in out.graph.node for o in n.output}
+    node = next(n for n in out.graph.node if n.name == node_name)
+    s_x = inits[producers[node.input[0]].input[1]]
+    s_w = inits[producers[node.input[1]].input[1]]
+    bias = inits[node.input[2]]
+    scale = (np.float32(s_x) * s_w[np.arange(bias.size) % s_w.size]).astype(np.float32)
+    q = np.rint(bias.astype(np.float64) / scale).astype(np.int32)
+    out.graph.initializer.extend([numpy_helper.from_array(q, "bias_q"), numpy_helper.from_array(scale, "bias_scale"),
+                                  numpy_helper.from_array(np.zeros(bias.size, np.int32), "bias_zp")])
+    out.graph.node.insert(0, onnx.helper.make_node("DequantizeLinear", ["bias_q", "bias_scale", "bias_zp"],
+                                                   ["bias_dq"], name="bias_dequant", axis=0))
+    node.input[2] = "bias_dq"
+    onnx.checker.check_model(out)
+    return onnx.shape_inference.infer_shapes(out)
+
+
+@pytest.mark.parametrize("bias", ["float", "int32"])
+@pytest.mark.parametrize("group", [2, 3])
+def test_grouped_conv_transpose_per_channel_weights_repeat_per_group(group, bias):
+    """ONNX axis 1 of a grouped ConvTranspose weight holds C_out/group channels: output channel o
+    takes weight scale s_w[o mod (C_out/group)], and its bias scale is s_x * s_w[o mod (C_out/group)]
+    (computed here from the QDQ model's initializers). Per layer equal to onnxruntime on the same QDQ
+    model; the bias integers differ if a scale is taken from the wrong channel."""
+    model = grouped_transpose_net(group=group)
+    options = OrtOptions(per_channel=True, activation="uint8", quantize_bias=False)
+    qdq = ort_qdq_model(model, decoder_samples(8, 0), options)
+    if bias == "int32":
+        qdq = _with_int32_bias(qdq, "up")
+    evaluation = decoder_samples(EVAL, 1)
+    m, result = measure("grouped", qdq, model, evaluation)
+    assert [la.op for la in result.program.layers] == ["conv", "conv_transpose"]
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    s_w = inits["wt_scale"]
+    up = next(g for g in result.plan.groups if g.name == "up")
+    assert s_w.shape == (6 // group,) and result.qparams[up.weight].axis == 1
+    expected = (np.float32(inits["a_scale"]) * s_w[np.arange(6) % s_w.size]).astype(np.float32)
+    np.testing.assert_array_equal(result.qparams[up.bias].scale, expected)
+    assert result.qparams[up.bias].source.startswith("qdq:" if bias == "int32" else "bias")
+    layer = next(la for la in result.program.layers if la.op == "conv_transpose")
+    np.testing.assert_array_equal(layer.params["bias"], np.rint(inits["bt"].astype(np.float64) / expected)
+                                  if bias == "float" else inits["bias_q"])
+    # The widest multiplier the accumulator allows: min(31, 61 - ceil(log2 B)), B = max over output
+    # channels of sum|q_w| over that channel's own group only (from the IR's output-major weight) * 255 + 2^31.
+    bound = float(np.abs(layer.params["weight"].astype(np.int64)).reshape(6, -1).sum(axis=1).max()) * 255 + 2.0**31
+    lowering = PrequantizedLowering(result.float_model, result.plan, result.qparams, result.target, native_bits=8)
+    assert lowering._widest_multiplier_bits(up) == min(31, 61 - int(np.ceil(np.log2(bound))))
+    checks = check_layers_against_source(result, {"input": evaluation["input"][:1]})
+    assert_ties_only(checks, 0.002)
+    assert m.sqnr_runtime_vs_ort >= 40.0 and abs(m.sqnr_runtime - m.sqnr_ort_qdq) <= 0.5
+    # The QDQ model qlower emits (int32 bias DQ with C_out scales on axis 0) imports back to the same program.
+    again = compile_model(result.qdq_model, "mmav2")
+    np.testing.assert_array_equal(result.program.run(evaluation, raw=True)["up_out"],
+                                  again.program.run(evaluation, raw=True)["up_out"])
+
+
+def test_grouped_conv_transpose_check_catches_a_bias_scale_from_the_wrong_channel():
+    """Negative control for the test above: biases quantized with s_w[o // group] instead of
+    s_w[o mod (C_out/group)] make the per-layer check against onnxruntime fail."""
+    model = grouped_transpose_net(group=2)
+    qdq = ort_qdq_model(model, decoder_samples(8, 0), OrtOptions(per_channel=True, quantize_bias=False))
+    result = compile_model(qdq, "mmav2")
+    layer = next(la for la in result.program.layers if la.op == "conv_transpose")
+    s_w = result.qparams[next(g.weight for g in result.plan.groups if g.name == "up")].scale
+    wrong = (np.float32(result.qparams["a"].scale[0]) * np.repeat(s_w, 2)).astype(np.float32)
+    bt = numpy_helper.to_array(next(i for i in qdq.graph.initializer if i.name == "bt")).astype(np.float64)
+    layer.params["bias"] = np.rint(bt / wrong).astype(layer.params["bias"].dtype)
+    checks = check_layers_against_source(result, {"input": decoder_samples(1, 1)["input"]})
+    assert not next(c for c in checks if c.layer == "up").ok
+
+
+def test_dump_dir_records_the_qdq_import_as_a_step(tmp_path):
+    """--dump-dir: the import is step 00 (the model without its Q/DQ nodes, every QDQ parameter
+    kept as an annotation), the pipeline's passes follow from 01, then the QDQ boundary fix-up and
+    QDQ insertion; summary.txt has one line per file, the import's saying what it removed."""
+    qdq = ort_fixture("resnet_tiny", ORT_8BIT[0])
+    n_qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in qdq.graph.node)
+    result = compile_model(qdq, "mmav2", dump_dir=tmp_path)
+    files = sorted(p.name for p in tmp_path.glob("*.onnx"))
+    assert files[0] == "00_import_qdq.onnx"
+    assert [int(f[:2]) for f in files] == list(range(len(files)))
+    assert files[-2:] == [f"{len(files) - 2:02d}_keep_qdq_boundaries.onnx", f"{len(files) - 1:02d}_insert_qdq.onnx"]
+    imported = onnx.load(str(tmp_path / files[0]))
+    assert not [n for n in imported.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert len(imported.graph.node) == len(qdq.graph.node) - n_qdq
+    annotations = read_annotations(imported)
+    scales = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    for node in qdq.graph.node:  # every activation Q's scale is in the dumped model's annotations
+        if node.op_type == "QuantizeLinear" and node.input[0] in annotations:
+            assert annotations[node.input[0]]["scale"] == [float(scales[node.input[1]])]
+    lines = (tmp_path / "summary.txt").read_text().splitlines()
+    assert f"{len(files)} pass runs" in lines[0] and len(lines) == 1 + len(files)
+    first = lines[1]
+    assert re.match(rf"00 import_qdq\s+round 0 nodes\s+{len(qdq.graph.node)} -> {len(imported.graph.node)}\s", first)
+    assert first.split("ms  ", 1)[1] == "; ".join(next(r for r in result.report.pass_records
+                                                       if r.name == "import_qdq").changes)
+    n_q = sum(n.op_type == "QuantizeLinear" for n in qdq.graph.node)  # weights are int8: DQ only
+    assert f"imported {n_q} activation Q/DQ pairs and {n_qdq - 2 * n_q} quantized constants" in first, first
+    assert [line.split()[1] for line in lines[1:]] == [f[3:-len(".onnx")] for f in files]
+
+
+def test_denied_conv_of_a_qdq_model_runs_in_float_and_the_rest_matches_onnxruntime():
+    """--deny-list on a pre-quantized model: the denied Conv is a float layer computing with the QDQ
+    model's own dequantized weight and bias (q - zp) * s (checked against the initializers here),
+    its output quantized at the QDQ model's scale; every layer, the float one included, equals
+    onnxruntime on the same QDQ model per layer, and end to end the runtime stays close to it."""
+    model, _, _, evaluation = zoo("resnet_tiny")
+    qdq = ort_fixture("resnet_tiny", ORT_8BIT[0])
+    denied = [n for n in qdq.graph.node if n.op_type == "Conv"][1]
+    result = compile_model(qdq, "mmav2", deny_list=[denied.name])
+    kinds = {la.name: la.kind for la in result.program.layers}
+    assert kinds.pop(denied.name) == "float" and set(kinds.values()) == {"integer"}
+    layer = next(la for la in result.program.layers if la.name == denied.name)
+    assert layer.op == "Conv" and "denied by --deny-list" in layer.attrs["reason"]
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    producers = {o: n for n in qdq.graph.node for o in n.output}
+    for slot in (1, 2):
+        q, s, zp = (inits[t] for t in producers[denied.input[slot]].input)
+        shape = (-1,) + (1,) * (q.ndim - 1)
+        expected = ((q.astype(np.int64) - zp.reshape(shape)) * s.reshape(shape).astype(np.float32)).astype(np.float32)
+        np.testing.assert_array_equal(layer.params[f"input{slot}"], expected)
+    assert result.program.tensors[layer.outputs[0]].scale[0] == inits[
+        next(n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == denied.output[0]).input[1]]
+    checks = check_layers_against_source(result, {"input": evaluation["input"][:1]})
+    assert any(c.layer == denied.name for c in checks)
+    assert_ties_only(checks)
+    out = result.program.outputs[0]
+    ort = run_rows(make_session(qdq, optimize=False), evaluation, out)
+    float_out = run_rows(make_session(model, optimize=False), evaluation, out)
+    ours = result.program.run(evaluation)[out]
+    assert sqnr_db(ort, ours) >= 30.0 and abs(sqnr_db(float_out, ours) - sqnr_db(float_out, ort)) <= 0.5
 
 
 def test_imported_scales_flow_unchanged_into_the_program():
