@@ -153,7 +153,9 @@ def test_dropped_rounding_term_fails_the_layer_check(monkeypatch):
 
     result, evaluation = compiled("mobilenetv2_tiny", "mmav2")
     monkeypatch.setattr(fp, "shift_round_half_up", floor_shift)
-    checks = check_layers(result, {"input": evaluation["input"][:1]})
+    # the reference kernels: the fast ones fuse their own requantization (checked bit for bit
+    # against the reference in tests/runtime/test_fast_kernels.py), so the patch would miss them
+    checks = check_layers(result, {"input": evaluation["input"][:1]}, kernels="reference")
     assert sum(not c.ok for c in checks if c.op in ("conv", "gemm")) >= 10
 
 
