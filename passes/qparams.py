@@ -61,7 +61,7 @@ class QParams:
     def qmax(self) -> int:
         return DTYPE_RANGES[self.dtype][1]
 
-    def same_as(self, other: "QParams") -> bool:
+    def same_as(self, other: QParams) -> bool:
         """True when both describe the same integer encoding (scale, zero point, dtype, axis)."""
         return (
             self.dtype == other.dtype
