@@ -3,7 +3,8 @@
 One command, one table, every figure from the same run on the same machine:
 
     python -m tools.benchmark [--models resnet50,mobilenetv2,efficientnet_lite0] [--samples 32]
-                              [--large-samples 512] [--repeats 5] [--threads N] [--quick]
+                              [--large-samples 512] [--repeats 5] [--threads N]
+                              [--parts compile,latency,memory] [--quick]
 
 Per model (ResNet-50 and MobileNetV2 from ``tools.architectures``; EfficientNet-Lite0 from
 ``../shared/data/efficientnet_lite0.onnx`` with its ``_calib.npz`` when present, else the builder):
@@ -14,14 +15,17 @@ Per model (ResNet-50 and MobileNetV2 from ``tools.architectures``; EfficientNet-
   (99.99 on both sides). Each compile runs in a fresh process;
 - inference latency per sample at batch 1 and batch 8 (best of ``--repeats``, wall clock):
   qlower's IR runtime (the compiled ``model.qir``), onnxruntime on the float model and on its own
-  QDQ model (default session options: all graph optimizations, so the QDQ model runs int8 kernels);
+  QDQ model (default session options: all graph optimizations, so the QDQ model runs int8 kernels),
+  once with the libraries' default threads and once with 1 thread on every side (BLAS and
+  onnxruntime), the comparison that stays meaningful on a busy machine;
 - peak RSS (VmHWM) of a qlower compile at N and at ``--large-samples`` samples read from
   memory-mapped ``.npy`` files in a folder, each in a fresh process, and of the IR runtime at
   batch 1 beside what it must hold (integer weights, the executor's largest set of live
   activations, the fast kernels' prepared float weights).
 
 ``--threads N`` sets OPENBLAS_NUM_THREADS / OMP_NUM_THREADS in the child processes and
-onnxruntime's intra-op threads (default: the libraries' defaults, i.e. every core).
+onnxruntime's intra-op threads for every measurement (latency then only at N threads).
+The machine lines (cores, CPU, load average, numpy's BLAS, versions) come first.
 """
 from __future__ import annotations
 

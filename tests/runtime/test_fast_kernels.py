@@ -18,7 +18,7 @@ from runtime.errors import ProgramError
 from runtime.fixed_point import DTYPE_LIMITS, quantize_multiplier
 from runtime.kernel_common import conv_geometry
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 X_DTYPES = ["uint8", "int8", "int16", "uint16"]
 W_DTYPES = ["int8", "uint8", "int16"]
 

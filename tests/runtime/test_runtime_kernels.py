@@ -21,13 +21,13 @@ def random_conv_case(rng):
         cg = 1 if style == "depthwise" else int(rng.integers(1, 5))
         og = int(rng.integers(1, 3)) if style == "depthwise" else int(rng.integers(1, 5))
         kh, kw = (1, 1) if style == "pointwise" else tuple(int(v) for v in rng.integers(1, 5, 2))
-        attrs = dict(
-            kernel_shape=[kh, kw],
-            strides=[int(v) for v in rng.integers(1, 4, 2)],
-            pads=[int(v) for v in rng.integers(0, 3, 4)] if rng.random() < 0.7 else [0, 0, 0, 0],
-            dilations=[int(v) for v in rng.integers(1, 3, 2)] if rng.random() < 0.4 else [1, 1],
-            group=g,
-        )
+        attrs = {
+            "kernel_shape": [kh, kw],
+            "strides": [int(v) for v in rng.integers(1, 4, 2)],
+            "pads": [int(v) for v in rng.integers(0, 3, 4)] if rng.random() < 0.7 else [0, 0, 0, 0],
+            "dilations": [int(v) for v in rng.integers(1, 3, 2)] if rng.random() < 0.4 else [1, 1],
+            "group": g,
+        }
         x_shape = (int(rng.integers(1, 4)), g * cg, int(rng.integers(1, 10)), int(rng.integers(1, 10)))
         w_shape = (g * og, cg, kh, kw)
         try:
@@ -68,7 +68,7 @@ def test_conv_16bit_near_float64_limit_and_int64_fallback():
     rng = np.random.default_rng(5)
     x = rand_int(rng, "int16", (1, 40, 3, 3), extreme=True)
     w = rand_int(rng, "int16", (2, 40, 3, 3), extreme=True)
-    attrs = dict(pads=[1, 1, 1, 1])
+    attrs = {"pads": [1, 1, 1, 1]}
     expected = ref.conv_accumulate(x, w, -32768, np.array([32767, -32768]), attrs)
     assert np.array_equal(fast.conv_accumulate(x, w, -32768, np.array([32767, -32768]), attrs), expected)
     assert np.abs(expected).max() > 2**24  # the float64 path was needed
@@ -79,7 +79,7 @@ def test_conv_im2col_in_batch_chunks(monkeypatch):
     rng = np.random.default_rng(9)
     x = rand_int(rng, "uint8", (5, 4, 9, 9))
     w = rand_int(rng, "int8", (6, 4, 3, 3))
-    attrs = dict(pads=[1, 0, 2, 1], strides=[2, 1])
+    attrs = {"pads": [1, 0, 2, 1], "strides": [2, 1]}
     expected = ref.conv_accumulate(x, w, 17, np.arange(6) - 3, attrs)
     monkeypatch.setattr(fast, "IM2COL_BUDGET_BYTES", 1)  # one batch item per chunk
     assert np.array_equal(fast.conv_accumulate(x, w, 17, np.arange(6) - 3, attrs), expected)
@@ -93,7 +93,7 @@ def conv_layer(rng, w, per_channel: bool, out_dtype: str, relu: bool, wide: bool
     real = np.exp2(rng.uniform(-14, -6, n))
     m, k = quantize_multiplier(real, int(rng.choice([8, 16] if wide else [8, 16, 31])))
     lo, hi = DTYPE_LIMITS[out_dtype]
-    params = dict(weight=w, multiplier=m, shift=k, bias=rng.integers(-5000, 5000, o).astype(np.int32))
+    params = {"weight": w, "multiplier": m, "shift": k, "bias": rng.integers(-5000, 5000, o).astype(np.int32)}
     params["weight_zero_point"] = rng.integers(-3, 4, n).astype(np.int64)
     if relu:
         params["clamp_lo"] = np.full(n, lo + 20, np.int32)
@@ -158,14 +158,14 @@ def test_gemm_and_matmul_fast_equals_reference():
 def random_pool_case(rng):
     while True:
         kernel = [int(v) for v in rng.integers(1, 5, 2)]
-        attrs = dict(
-            kernel_shape=kernel,
-            strides=[int(v) for v in rng.integers(1, 4, 2)],
-            pads=[int(rng.integers(0, kernel[0])), int(rng.integers(0, kernel[1])),
+        attrs = {
+            "kernel_shape": kernel,
+            "strides": [int(v) for v in rng.integers(1, 4, 2)],
+            "pads": [int(rng.integers(0, kernel[0])), int(rng.integers(0, kernel[1])),
                   int(rng.integers(0, kernel[0])), int(rng.integers(0, kernel[1]))],
-            dilations=[int(v) for v in rng.integers(1, 3, 2)] if rng.random() < 0.3 else [1, 1],
-            ceil_mode=int(rng.random() < 0.5),
-        )
+            "dilations": [int(v) for v in rng.integers(1, 3, 2)] if rng.random() < 0.3 else [1, 1],
+            "ceil_mode": int(rng.random() < 0.5),
+        }
         shape = (int(rng.integers(1, 3)), int(rng.integers(1, 4)), int(rng.integers(1, 12)), int(rng.integers(1, 12)))
         try:
             return attrs, shape, pool_geometry(attrs, shape)
@@ -196,7 +196,7 @@ def test_pools_fast_equal_reference(dtype):
 def test_global_avgpool_fast_path():
     rng = np.random.default_rng(4)
     x = rand_int(rng, "uint8", (3, 5, 7, 6))
-    lay = layer("avgpool", attrs=dict(kernel_shape=[7, 6]), multiplier=[21400], shift=[20])  # ~1/49
+    lay = layer("avgpool", attrs={"kernel_shape": [7, 6]}, multiplier=[21400], shift=[20])  # ~1/49
     ins, outs = [info("x", "uint8", x.shape, 1.0, 9)], [info("y", "uint8", (3, 5, 1, 1), 1.0, 4)]
     expected = run_kernel(ref.KERNELS, lay, [x], ins, outs)[0]
     assert np.array_equal(run_kernel(fast.KERNELS, lay, [x], ins, outs)[0], expected)
@@ -210,7 +210,7 @@ def brute_force_conv(x, w, zp_x, zp_w, attrs):
     """Seven nested loops, padding by bounds checks: the definition, nothing else."""
     geo = conv_geometry(attrs, x.shape, w.shape)
     (pt, pl, _, _), (sh, sw), (dh, dw), (ho, wo), g = geo["pads"], geo["strides"], geo["dilations"], geo["out"], geo["group"]
-    n, c, h, wd = x.shape
+    n, _c, h, wd = x.shape
     o, cg, kh, kw = w.shape
     zp_w = np.broadcast_to(np.asarray(zp_w), (o,))
     y = np.zeros((n, o, ho, wo), dtype=object)
@@ -280,7 +280,7 @@ def test_reference_maxpool_and_window_sums_match_onnxruntime():
 
 def test_pool_all_padding_window_and_padding_never_wins():
     x = np.full((1, 1, 2, 2), -128, np.int8)
-    lay = layer("maxpool", attrs=dict(kernel_shape=[2, 2], pads=[1, 1, 1, 1], strides=[1, 1]))
+    lay = layer("maxpool", attrs={"kernel_shape": [2, 2], "pads": [1, 1, 1, 1], "strides": [1, 1]})
     ins, outs = [info("x", "int8", x.shape, 1.0, 5)], [info("y", "int8", (1, 1, 3, 3), 1.0, 5)]
     for table in (ref.KERNELS, fast.KERNELS):
         assert np.array_equal(run_kernel(table, lay, [x], ins, outs)[0], x.min() * np.ones((1, 1, 3, 3)))
