@@ -12,7 +12,9 @@ the same, and DequantizeLinear before opset 21 takes no int16.
 A layer without weights whose multipliers cannot represent its scale ratios exactly (Add, Concat,
 average pooling with a short multiplier) reads its input through its own DequantizeLinear with the
 effective scale of ``QParamTable.consumer_scales`` (tensor ``T_for_<node>``), so the QDQ model
-describes the arithmetic the IR does, as a nudged weight scale does for Conv/Gemm.
+describes the arithmetic the IR does, as a nudged weight scale does for Conv/Gemm. An effective
+scale of 0 (m_i = 0: an Add input too narrow to reach the shared shift's grid is dropped) becomes
+``Mul(T, 0)`` (tensor ``T_for_<node>``): never a DequantizeLinear with scale 0.
 16-bit Q/DQ needs opset 21: a model below it is converted (onnx.version_converter) first.
 Naming: ``quantized_name(T)`` is the integer tensor of T, ``prequant_name(T)`` the float tensor a
 Q reads (for non-input tensors), used by tests to compare layer by layer.
@@ -114,13 +116,23 @@ class InsertQDQ(GraphPass):
             if node is None:
                 raise self.fail(f"consumer scale for '{tensor}' names no node '{node_name}'")
             qp = self.qparams[tensor]
-            own = QParams(np.float32(scale), qp.zero_point, qp.dtype, source="consumer")
             reader = f"{tensor}_for_{node_name}"
-            inits, attrs = _qparam_initializers(reader, own)
-            graph.initializer.extend(inits)
-            new_nodes.append(helper.make_node("DequantizeLinear", [quantized_name(tensor), inits[0].name, inits[1].name],
-                                              [reader], name=f"{reader}_DequantizeLinear"))
             read_as = dequantized_input_name(tensor) if tensor in inputs else tensor
+            if not (np.isfinite(scale) and scale >= 0):
+                raise self.fail(f"consumer scale {scale} for '{tensor}' at '{node_name}' is not finite and >= 0")
+            if scale == 0:
+                # m_i = 0: the layer drops this input (docs/ir.md, "dropped inputs"); the QDQ model
+                # multiplies it by 0 (its finite values give exactly 0) instead of a scale-0 DQ.
+                zero = numpy_helper.from_array(np.zeros((), np.float32), f"{reader}_zero")
+                graph.initializer.append(zero)
+                new_nodes.append(helper.make_node("Mul", [read_as, zero.name], [reader], name=f"{reader}_Mul"))
+            else:
+                own = QParams(np.float32(scale), qp.zero_point, qp.dtype, source="consumer")
+                inits, attrs = _qparam_initializers(reader, own)
+                graph.initializer.extend(inits)
+                new_nodes.append(helper.make_node("DequantizeLinear",
+                                                  [quantized_name(tensor), inits[0].name, inits[1].name],
+                                                  [reader], name=f"{reader}_DequantizeLinear"))
             for i, name in enumerate(node.input):
                 if name == read_as:
                     node.input[i] = reader

@@ -114,7 +114,7 @@ def conv_geometry(attrs: dict, x_shape, w_shape) -> dict:
     """
     if len(x_shape) != 4 or len(w_shape) != 4:
         raise ProgramError(f"conv needs NCHW input and OIHW weight, got {tuple(x_shape)} and {tuple(w_shape)}")
-    n, c, h, w = x_shape
+    _n, c, h, w = x_shape
     o, cg, kh, kw = w_shape
     ks = _pair(attrs, "kernel_shape", 0)
     if attrs.get("kernel_shape") is not None and ks != (kh, kw):
@@ -122,13 +122,13 @@ def conv_geometry(attrs: dict, x_shape, w_shape) -> dict:
     group = int(attrs.get("group", 1))
     if group < 1 or c != cg * group or o % group:
         raise ProgramError(f"group {group} does not fit input channels {c}, weight {tuple(w_shape)}")
-    geo = dict(
-        kernel=(kh, kw),
-        strides=_pair(attrs, "strides", 1),
-        pads=_pair(attrs, "pads", 0, 4),
-        dilations=_pair(attrs, "dilations", 1),
-        group=group,
-    )
+    geo = {
+        "kernel": (kh, kw),
+        "strides": _pair(attrs, "strides", 1),
+        "pads": _pair(attrs, "pads", 0, 4),
+        "dilations": _pair(attrs, "dilations", 1),
+        "group": group,
+    }
     (pt, pl, pb, pr), (sh, sw), (dh, dw) = geo["pads"], geo["strides"], geo["dilations"]
     ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
     wo = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
@@ -151,12 +151,12 @@ def pool_geometry(attrs: dict, x_shape) -> dict:
         raise ProgramError(f"pooling needs an NCHW input, got {tuple(x_shape)}")
     if attrs.get("kernel_shape") is None:
         raise ProgramError("pooling needs attr 'kernel_shape'")
-    geo = dict(
-        kernel=_pair(attrs, "kernel_shape", 1),
-        strides=_pair(attrs, "strides", 1),
-        pads=_pair(attrs, "pads", 0, 4),
-        dilations=_pair(attrs, "dilations", 1),
-    )
+    geo = {
+        "kernel": _pair(attrs, "kernel_shape", 1),
+        "strides": _pair(attrs, "strides", 1),
+        "pads": _pair(attrs, "pads", 0, 4),
+        "dilations": _pair(attrs, "dilations", 1),
+    }
     ceil_mode = bool(attrs.get("ceil_mode", 0))
     out, extra = [], []
     for i, size in enumerate(x_shape[2:]):
