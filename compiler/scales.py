@@ -157,6 +157,39 @@ def nudge_weight_scale(s_x: float, s_w: np.ndarray, s_y: float, bits: int) -> tu
     return nudged, np.abs(nudged.astype(f64) / s_w.astype(f64) - 1.0)
 
 
+def smallest_multiplier(bits: int) -> float:
+    """The smallest ratio m / 2^k a ``bits``-bit multiplier represents normalized: m = 2^(bits-1)
+    at the largest shift k = 62 (shift-only, bits = 0: 2^-62). Below it ``quantize_multiplier``
+    loses normalization and finally rounds m to 0."""
+    return 2.0 ** (max(int(bits), 1) - 1 - 62)
+
+
+def raise_dead_channels(s_x: float, s_w: np.ndarray, s_y: float, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Raise the weight scale of every channel whose ratio M = s_x s_w / s_y is below
+    ``smallest_multiplier(bits)`` to s_w' = M_min s_y / s_x (float32, one ulp up if it lands
+    below): (scales, mask of raised channels).
+
+    Such a channel (pruned weights of ~1e-20, say) cannot be requantized with a normalized m: the
+    multiplier would round to 0, and the QDQ model would need a weight scale of 0. Since
+    s_w = max|w| / qmax (or the bias room's |b| / (s_x room)), M < M_min means every weight's and
+    the bias's contribution is below qmax M_min = qmax 2^(bits-63) output steps (<= 2^-48 for
+    int8 / 8 bits): the channel's output is its zero point. With s_w' its weights quantize to
+    (almost always) 0, q_b = round(b / (s_x s_w')) only shrinks (still fits its type), and
+    m / 2^k = M_min is exact, so the QDQ model computes the same (zero) product as the IR. On a
+    power-of-2 target s_w' is a power of two like s_x and s_y."""
+    f64 = np.float64
+    s_w = np.asarray(s_w, dtype=np.float32)
+    floor = smallest_multiplier(bits)
+    ratio = f64(np.float32(s_x)) * s_w.astype(f64) / f64(np.float32(s_y))
+    dead = ratio < floor
+    if not dead.any():
+        return s_w, dead
+    raised = np.float32(floor * f64(np.float32(s_y)) / f64(np.float32(s_x)))
+    if f64(np.float32(s_x)) * f64(raised) / f64(np.float32(s_y)) < floor:
+        raised = np.nextafter(raised, np.float32(np.inf))
+    return np.where(dead, raised, s_w).astype(np.float32), dead
+
+
 def _is_depthwise(node: onnx.NodeProto, weight: np.ndarray) -> bool:
     return node.op_type == "Conv" and int(get_attr(node, "group", 1)) > 1 and weight.shape[1] == 1
 
@@ -224,6 +257,11 @@ def choose_qparams(model: onnx.ModelProto, plan: LayerPlan, ranges: dict[str, Te
             for tensor, scale in effective.items():
                 if scale != table[tensor].scale[0]:
                     table.consumer_scales[(group.name, tensor)] = scale
+                if scale == 0:  # m_i = 0: the input is dropped (docs/ir.md, Add); say how much it held
+                    qp_i = table[tensor]
+                    reach = max(abs(qp_i.qmin - int(qp_i.zero_point[0])), abs(qp_i.qmax - int(qp_i.zero_point[0])))
+                    amount = reach * float(qp_i.scale[0]) / float(table[group.output].scale[0])
+                    table.adjustments.append(ScaleAdjustment(group.name, tensor, "dropped_input", amount))
     return table
 
 
@@ -301,12 +339,19 @@ def _weight_and_bias(group, index: GraphIndex, table: QParamTable, preset: Targe
         if lost > 0:
             table.adjustments.append(ScaleAdjustment(group.name, group.weight, "bias_fit", lost))
     bits = preset.layer_multiplier_bits(qp_x.dtype, w_qp.dtype)
+    raised, dead = raise_dead_channels(s_x, w_qp.scale, qp_y.scale[0], bits)
+    if dead.any():
+        lost = float(np.log2(raised.astype(np.float64) / w_qp.scale.astype(np.float64)).max())
+        table.adjustments.append(ScaleAdjustment(group.name, group.weight, "dead_channel", lost))
+        w_qp = QParams(raised, w_qp.zero_point, w_qp.dtype, w_qp.axis, source=w_qp.source)
     if bits > 0:
         nudged, change = nudge_weight_scale(s_x, w_qp.scale, qp_y.scale[0], bits)
         if change.max() > MAX_NUDGE:
-            raise CompileError(f"node '{group.name}' ({group.op_type}): a {bits}-bit multiplier needs a weight-scale "
-                               f"nudge of {change.max():.2%} (more than {MAX_NUDGE:.0%}); the scales are too far "
-                               "apart for the shift range; use --multiplier-bits 31")
+            ratio = float(np.float64(s_x) * w_qp.scale.astype(np.float64).max() / np.float64(qp_y.scale[0]))
+            raise CompileError(f"node '{group.name}' ({group.op_type}): s_x * s_w / s_y = {ratio:.3g} exceeds the "
+                               f"largest {bits}-bit multiplier (2^{bits} - 1) * 2^31 and would need a weight-scale "
+                               f"nudge of {change.max():.2%} (more than {MAX_NUDGE:.0%}); the output's calibrated "
+                               "range is far too small for its input and weights: check its calibration data")
         if change.max() > 0:
             table.adjustments.append(ScaleAdjustment(group.name, group.weight, "nudge", float(change.max())))
         w_qp = QParams(nudged, w_qp.zero_point, w_qp.dtype, w_qp.axis, source=w_qp.source)

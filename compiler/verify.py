@@ -102,7 +102,10 @@ def qdq_accumulation_noise(layer, inputs, program) -> np.ndarray:
 
 
 def check_layers(result, feeds: dict[str, np.ndarray], kernels: str = "fast", program=None) -> list[LayerCheck]:
-    """Per layer, fed the QDQ model's integers: how many outputs differ, and whether each is a tie."""
+    """Per layer, fed the QDQ model's integers: how many outputs differ, and whether each is a tie.
+
+    A layer with several outputs (a float fallback Split, or TopK's values and raw indices) gets one
+    LayerCheck per output, named ``layer`` for the first and ``layer:output`` for the others."""
     program = program or result.program
     values = qdq_values(result, feeds)
     raw = result.plan.raw_tensors()
@@ -111,21 +114,31 @@ def check_layers(result, feeds: dict[str, np.ndarray], kernels: str = "fast", pr
     checks = []
     for layer in program.layers:
         inputs = [values[quantized_name(t)] for t in layer.inputs]
-        (ours,) = run_layer(program, layer, inputs, kernels=kernels)
-        out = layer.outputs[0]
-        expected = values[quantized_name(out)]
-        diff = ours.astype(np.int64) - expected.astype(np.int64)
-        bad = diff != 0
-        unexcused, worst, worst_excused = int(bad.sum()), 0.0, 0.0
-        if bad.any() and out not in raw:  # a raw (exact) output has no tie to excuse a difference
-            info = program.tensors[out]
-            dist, magnitude = tie_distance(values[prequant_name(out)], info.scale[0], int(info.zero_point[0]))
-            tolerance = TIE_TOLERANCE_ABS + TIE_TOLERANCE_REL * magnitude
-            if layer.op in ("conv", "gemm"):
-                tolerance = np.maximum(tolerance, qdq_accumulation_noise(layer, inputs, program))
-            excused = bad & (np.abs(diff) == 1) & (dist <= tolerance)
-            unexcused = int((bad & ~excused).sum())
-            worst = float(dist[bad & ~excused].max()) if unexcused else 0.0
-            worst_excused = float(dist[excused].max()) if excused.any() else 0.0
-        checks.append(LayerCheck(layer.name, layer.op, int(diff.size), int(bad.sum()), unexcused, worst, worst_excused))
+        results = run_layer(program, layer, inputs, kernels=kernels)
+        if len(results) != len(layer.outputs):
+            raise ValueError(f"layer '{layer.name}' ({layer.op}) returned {len(results)} outputs for "
+                             f"{len(layer.outputs)} declared")
+        for position, (out, ours) in enumerate(zip(layer.outputs, results)):
+            name = layer.name if position == 0 else f"{layer.name}:{out}"
+            checks.append(_check_output(program, layer, name, out, ours, inputs, values, raw))
     return checks
+
+
+def _check_output(program, layer, name: str, out: str, ours: np.ndarray, inputs: list[np.ndarray],
+                  values: dict[str, np.ndarray], raw: dict[str, str]) -> LayerCheck:
+    """Compare one output of a layer with the QDQ model's integers (ties excused as above)."""
+    expected = values[quantized_name(out)]
+    diff = ours.astype(np.int64) - expected.astype(np.int64)
+    bad = diff != 0
+    unexcused, worst, worst_excused = int(bad.sum()), 0.0, 0.0
+    if bad.any() and out not in raw:  # a raw (exact) output has no tie to excuse a difference
+        info = program.tensors[out]
+        dist, magnitude = tie_distance(values[prequant_name(out)], info.scale[0], int(info.zero_point[0]))
+        tolerance = TIE_TOLERANCE_ABS + TIE_TOLERANCE_REL * magnitude
+        if layer.op in ("conv", "gemm"):
+            tolerance = np.maximum(tolerance, qdq_accumulation_noise(layer, inputs, program))
+        excused = bad & (np.abs(diff) == 1) & (dist <= tolerance)
+        unexcused = int((bad & ~excused).sum())
+        worst = float(dist[bad & ~excused].max()) if unexcused else 0.0
+        worst_excused = float(dist[excused].max()) if excused.any() else 0.0
+    return LayerCheck(name, layer.op, int(diff.size), int(bad.sum()), unexcused, worst, worst_excused)

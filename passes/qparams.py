@@ -100,7 +100,11 @@ class ScaleAdjustment:
     largest relative change |s_w' / s_w - 1| over the channels) or ``bias_fit`` (a weight scale
     raised until the bias fits its integer type; ``amount`` is the number of weight bits lost,
     log2(s_w' / s_w), for the worst channel) or ``output_nudge`` (the output scale of a layer
-    without weights moved so that its widest input's m / 2^k is exact; relative change)."""
+    without weights moved so that its widest input's m / 2^k is exact; relative change) or
+    ``dead_channel`` (weight scale raised on channels whose s_x s_w / s_y is below the smallest
+    normalized multiplier; bits raised, worst channel) or ``dropped_input`` (an Add input whose
+    multiplier rounds to 0 under the shared shift; ``amount`` bounds its contribution in output
+    steps, qmax_i * s_i / s_y)."""
 
     layer: str
     tensor: str
@@ -112,6 +116,12 @@ class ScaleAdjustment:
             return f"{self.layer}: weight scale {self.tensor} nudged by up to {self.amount:.3%} so m/2^k is exact"
         if self.kind == "output_nudge":
             return f"{self.layer}: output scale {self.tensor} nudged by {self.amount:.3%} so its widest input's m/2^k is exact"
+        if self.kind == "dead_channel":
+            return (f"{self.layer}: weight scale {self.tensor} raised {self.amount:.2f} bits on near-dead channel(s) "
+                    "whose s_x*s_w/s_y is below the smallest multiplier (their output is the zero point)")
+        if self.kind == "dropped_input":
+            return (f"{self.layer}: input {self.tensor} dropped (m = 0): it contributes at most "
+                    f"{self.amount:.3g} output steps")
         return f"{self.layer}: weight scale {self.tensor} raised {self.amount:.2f} bits so the bias fits (worst channel)"
 
 
