@@ -46,16 +46,21 @@ class CompileReport:
         return lines
 
     def adjustment_lines(self) -> list[str]:
-        """Moved weight scales (multiplier nudges, bias-width fits): the largest nudge, then each
-        layer that lost weight bits to its bias, then every nudge."""
+        """Scales that scale selection moved (passes.qparams.ScaleAdjustment), each with its layer,
+        tensor and amount: the largest nudge, then the layers that lost weight bits to their bias
+        (``bias_fit``), near-dead channels whose weight scale was raised (``dead_channel``, bits),
+        Add inputs dropped because their multiplier rounds to 0 (``dropped_input``, bound in output
+        steps), moved output scales (``output_nudge``), and every weight-scale nudge."""
         if self.qparams is None or not getattr(self.qparams, "adjustments", None):
             return []
         adj = self.qparams.adjustments
         lines = ["scale adjustments:",
                  f"  largest weight-scale nudge {self.qparams.largest('nudge'):.4%} "
                  f"({sum(a.kind == 'nudge' for a in adj)} layers nudged so m/2^k is exact)"]
-        lines.extend(f"  {a.describe()}" for a in adj if a.kind == "bias_fit")
-        lines.extend(f"  {a.describe()}" for a in adj if a.kind == "nudge")
+        order = ["bias_fit", "dead_channel", "dropped_input", "output_nudge", "nudge"]
+        for kind in order:
+            lines.extend(f"  {a.describe()}" for a in adj if a.kind == kind)
+        lines.extend(f"  {a.describe()}" for a in adj if a.kind not in order)  # a kind added later
         return lines + [""]
 
     def summary(self) -> str:
@@ -80,6 +85,12 @@ class CompileReport:
             lines.extend(fits[:5])
             if len(fits) > 5:
                 lines.append(f"  ... {len(fits) - 5} more layers lost weight bits to the bias (report.txt)")
+            kinds = self.qparams.adjustments
+            dead = sum(a.kind == "dead_channel" for a in kinds)
+            dropped = sum(a.kind == "dropped_input" for a in kinds)
+            if dead or dropped:
+                lines.append(f"  {dead} layer(s) with near-dead channels raised, {dropped} Add input(s) dropped "
+                             "(m = 0); details in report.txt")
         return "\n".join(lines)
 
     def text(self) -> str:

@@ -535,16 +535,41 @@ def _concat(inputs, attrs):
 
 
 def _split(inputs, attrs):
+    """ONNX Split in every opset form; the chunk sizes along ``axis`` (n = x.shape[axis]) are:
+
+    - opset < 13: attribute ``split``; opset >= 13: optional input 1 ``split`` (the sizes as given);
+    - opset 18+: attribute ``num_outputs`` = k: chunks of ceil(n / k), the last one smaller
+      (n - (k - 1) * ceil(n / k));
+    - no sizes and no ``num_outputs`` (opset < 18): k = the node's number of outputs, which must
+      divide n (equal split). ``evaluate`` passes k as the private attribute ``_n_outputs``.
+    """
     x = inputs[0]
     axis = int(_attr(attrs, "axis", 0)) % x.ndim
+    n = x.shape[axis]
     if len(inputs) > 1 and inputs[1] is not None:
-        sizes = [int(s) for s in inputs[1].reshape(-1)]
+        sizes = [int(s) for s in np.asarray(inputs[1]).reshape(-1)]
     elif "split" in attrs:
         sizes = [int(s) for s in attrs["split"]]
-    else:
+    elif "num_outputs" in attrs:
         parts = int(attrs["num_outputs"])
-        step = -(-x.shape[axis] // parts)
-        sizes = [min(step, x.shape[axis] - i * step) for i in range(parts)]
+        step = -(-n // parts) if parts > 0 else 0
+        last = n - (parts - 1) * step
+        if parts < 1 or last < 0:
+            raise ProgramError(f"float Split: num_outputs={parts} cannot split a dimension of {n} into chunks "
+                               f"of ceil({n}/{parts}) with a smaller last one; give the split sizes instead")
+        sizes = [step] * (parts - 1) + [last]
+    else:
+        parts = attrs.get("_n_outputs")
+        if parts is None:
+            raise ProgramError("float Split: no 'split' sizes and no 'num_outputs'; the equal split needs the "
+                               "node's number of outputs (pass n_outputs to float_ops.evaluate)")
+        parts = int(parts)
+        if parts < 1 or n % parts:
+            raise ProgramError(f"float Split: a dimension of {n} cannot be split evenly into {parts} outputs; "
+                               "give the split sizes as input 1 (or num_outputs at opset 18)")
+        sizes = [n // parts] * parts
+    if sum(sizes) != n or min(sizes, default=0) < 0:
+        raise ProgramError(f"float Split: split sizes {sizes} do not add up to the dimension {n} of axis {axis}")
     bounds = np.cumsum(sizes)[:-1]
     return list(np.split(x, bounds, axis=axis))
 
@@ -800,14 +825,21 @@ FLOAT_OPS.update({
 })
 
 
-def evaluate(op: str, inputs: list, attrs: dict) -> list[np.ndarray]:
-    """Run one ONNX op in float; ProgramError for an op outside ``FLOAT_OPS`` or a bad attribute."""
+def evaluate(op: str, inputs: list, attrs: dict, n_outputs: int | None = None) -> list[np.ndarray]:
+    """Run one ONNX op in float; ProgramError for an op outside ``FLOAT_OPS`` or a bad attribute.
+
+    ``n_outputs`` is the node's number of outputs, which some ops need to know their result
+    (Split with neither sizes nor ``num_outputs`` splits equally into that many parts).
+    """
     fn = FLOAT_OPS.get(op)
     if fn is None:
         raise ProgramError(f"no float implementation of ONNX op '{op}' (known: {len(FLOAT_OPS)} ops, "
                            "see runtime.float_ops.FLOAT_OPS)")
+    attrs = dict(attrs)
+    if n_outputs is not None:
+        attrs["_n_outputs"] = int(n_outputs)
     try:
-        return fn(list(inputs), dict(attrs))
+        return fn(list(inputs), attrs)
     except ProgramError:
         raise
     except (KeyError, ValueError, IndexError, TypeError) as exc:
@@ -834,7 +866,7 @@ def run_float_layer(layer, inputs: list[np.ndarray], in_infos: list, out_infos: 
             args.append(None)
     attrs = {k: v for k, v in layer.attrs.get("onnx_attrs", {}).items()}
     attrs.update({k[5:]: v for k, v in layer.params.items() if k.startswith("attr.")})
-    results = evaluate(layer.op, args, attrs)
+    results = evaluate(layer.op, args, attrs, n_outputs=len(out_infos))
     if layer.attrs.get("clip") is not None:  # a fused Relu / Clip: [lo, hi], None = unbounded
         lo, hi = layer.attrs["clip"]
         results[0] = np.clip(results[0], -np.inf if lo is None else lo, np.inf if hi is None else hi)

@@ -231,3 +231,59 @@ def test_constant_op_and_unknown_op():
         evaluate("Loop", [f(2)], {})
     with pytest.raises(ProgramError, match="Resize mode 'cubic' is not supported"):
         evaluate("Resize", [f(1, 1, 2, 2), None, np.array([1, 1, 2, 2], np.float32)], {"mode": "cubic"})
+
+
+# Split in each opset form: (id, inputs, attrs, opset, number of node outputs). The equal split of
+# opsets 2-17 (no sizes) takes its part count from the node's outputs, passed as n_outputs.
+SPLIT_FORMS = [
+    ("attr_split_op11", [f(2, 6, 4)], {"axis": 1, "split": [1, 2, 3]}, 11, 3),
+    ("attr_equal_op11", [f(2, 6, 4)], {"axis": -1}, 11, 2),
+    ("input_split_op13", [f(2, 6, 4), i64(4, 2)], {"axis": 1}, 13, 2),
+    ("input_equal_op13", [f(2, 6, 4)], {"axis": 1}, 13, 3),
+    ("input_equal_default_axis_op13", [f(4, 3)], {}, 13, 4),
+    ("input_split_op18", [f(5, 2), i64(2, 3)], {}, 18, 2),
+    ("num_outputs_even_op18", [f(2, 6, 4)], {"axis": 1, "num_outputs": 2}, 18, 2),
+    ("num_outputs_uneven_op18", [f(3, 10)], {"axis": 1, "num_outputs": 4}, 18, 4),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_FORMS, ids=[c[0] for c in SPLIT_FORMS])
+def test_split_every_opset_form_matches_onnxruntime(case):
+    _, inputs, attrs, opset, n_out = case
+    ours = evaluate("Split", inputs, attrs, n_outputs=n_out)
+    expected = run_onnxruntime("Split", inputs, attrs, opset, n_out)
+    assert len(ours) == len(expected) == n_out
+    for got, want in zip(ours, expected):
+        assert got.shape == want.shape, (got.shape, want.shape)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_split_equal_without_output_count_or_uneven_is_a_clear_error():
+    with pytest.raises(ProgramError, match="number of outputs"):
+        evaluate("Split", [f(2, 6)], {"axis": 1})
+    with pytest.raises(ProgramError, match="cannot be split evenly into 4"):
+        evaluate("Split", [f(2, 6)], {"axis": 1}, n_outputs=4)
+    with pytest.raises(ProgramError, match="do not add up"):
+        evaluate("Split", [f(2, 6), i64(2, 2)], {"axis": 1})
+
+
+def test_float_split_layer_takes_its_part_count_from_its_outputs():
+    """A float Split layer at opset 13 with no sizes (the KeyError 'num_outputs' case) runs through
+    run_float_layer: three int8 outputs, each the quantized third of the dequantized input."""
+    from runtime.float_ops import run_float_layer
+    from runtime.fixed_point import dequantize, quantize
+    from runtime.ir import Layer, TensorInfo
+
+    s = np.array(0.05, np.float32)
+    z = np.array(0, np.int64)
+    q = R.integers(-128, 128, (1, 6, 2), dtype=np.int64).astype(np.int8)
+    info_in = TensorInfo("x", "int8", (1, 6, 2), s, z)
+    outs = [TensorInfo(f"y{k}", "int8", (1, 2, 2), s, z) for k in range(3)]
+    layer = Layer("split", "Split", ["x"], [o.name for o in outs], kind="float",
+                  attrs={"input_slots": ["t"], "onnx_attrs": {"axis": 1}})
+    got = run_float_layer(layer, [q], [info_in], outs)
+    x = dequantize(q, s, z, None)
+    want = run_onnxruntime("Split", [x], {"axis": 1}, 13, 3)
+    assert len(got) == 3
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, quantize(w, s, z, "int8", None))
