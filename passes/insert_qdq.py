@@ -138,18 +138,24 @@ class InsertQDQ(GraphPass):
                     node.input[i] = reader
             changes.append(f"'{node_name}' reads '{tensor}' at its effective scale {float(scale):.9g}")
         constants = [g.weight for g in self.plan.groups if g.weight] + [g.bias for g in self.plan.groups if g.bias]
+        biases = {g.bias for g in self.plan.groups if g.bias}
+        quantized_constants: list[onnx.TensorProto] = []
         for tensor in dict.fromkeys(constants):
             qp = self.qparams[tensor]
             values = index.constant(tensor)
-            if qp.dtype == "int16" and tensor in {g.bias for g in self.plan.groups}:
+            if qp.dtype == "int16" and tensor in biases:
                 qp = QParams(qp.scale, qp.zero_point, "int32", qp.axis, qp.source)  # same values, opset-13 DQ
             q_init = numpy_helper.from_array(quantize_constant(values, qp), quantized_name(tensor))
             inits, attrs = _qparam_initializers(tensor, qp)
-            keep = [i for i in graph.initializer if i.name != tensor]
-            del graph.initializer[:]
-            graph.initializer.extend(keep + [q_init] + inits)
+            quantized_constants += [q_init] + inits
             new_nodes.append(helper.make_node("DequantizeLinear", [q_init.name, inits[0].name, inits[1].name],
                                               [tensor], name=f"{tensor}_DequantizeLinear", **attrs))
+        # The float constants are replaced by their integer forms (one rebuild: a per-constant
+        # rebuild of the initializer list is quadratic in the number of weights).
+        replaced = set(constants)
+        keep = [i for i in graph.initializer if i.name not in replaced]
+        del graph.initializer[:]
+        graph.initializer.extend(keep + quantized_constants)
         # Place each DQ/Q right after its producer: a topological order onnxruntime accepts.
         ordered = _topological(list(graph.node) + new_nodes, {i.name for i in graph.initializer} | inputs)
         del graph.node[:]
