@@ -480,7 +480,7 @@ def load_calibration(source, input_specs: Mapping[str, InputSpec]) -> Calibratio
 
     ``source``: a path to an ``.npz`` (or ``.npy`` for a one-input model); a folder (see
     ``_open_folder``: ``<input>.npy`` files, one ``.npy``/``.npz`` per sample, or images); an
-    ``ImageFolder``; a dict name -> array; or an iterable of such dicts (``IterableCalibrationSet``,
+    ``ImageFolder``; a dict name -> array (a bare array for a one-input model); or an iterable of such dicts (``IterableCalibrationSet``,
     checked as it is read). Checks: names, per-sample shapes, dtype kinds (a float array is cast
     to the model's float type; an integer array for a float input is refused, since it usually
     needs normalising), finite values, equal sample counts, at least one sample. One bounded-memory
@@ -493,6 +493,11 @@ def load_calibration(source, input_specs: Mapping[str, InputSpec]) -> Calibratio
         origin = f"calibration data {source.describe()}"
         sources = source._sources(input_specs)
         scan = False
+    elif isinstance(source, np.ndarray):
+        if len(input_specs) != 1:
+            raise CompileError(f"calibration data: a bare array fits a one-input model; this model has "
+                               f"inputs {sorted(input_specs)}: pass a dict name -> array")
+        return load_calibration({next(iter(input_specs)): source}, input_specs)
     elif isinstance(source, Mapping):
         origin = "calibration data (dict)"
         sources = {}

@@ -85,6 +85,17 @@ def test_dict_source_slices_without_copying():
         np.testing.assert_array_equal(batch["image"], images[2 * i:2 * i + 2])
 
 
+def test_bare_array_for_a_one_input_model():
+    images = _images(5)
+    data = load_calibration(images, ONE)
+    batches = list(data.batches(2))
+    np.testing.assert_array_equal(np.concatenate([b["image"] for b in batches]), images)
+
+
+def test_bare_array_for_a_two_input_model_is_refused():
+    _refused(_images(3), TWO, "one-input model", "image", "meta")
+
+
 def test_npy_file_for_one_input_is_memory_mapped(tmp_path):
     path = tmp_path / "x.npy"
     np.save(path, _images(5))
