@@ -379,21 +379,54 @@ class Lowering(ShapeOpLowering, ArithmeticOpLowering, FloatFallbackLowering):
     def _lower_maxpool(self, group: LayerGroup) -> Layer:
         return self._layer(group, "maxpool", attrs=self._pool_attrs(group))
 
+    # Per-position divisors: the largest IR-vs-exact error (output steps) the multiplier may leave,
+    # a quarter of compiler.verify's absolute tie tolerance (2e-3), the rest left to float32 noise.
+    POOL_VARYING_ERROR = 2.0**-11
+
     def _avgpool(self, group: LayerGroup, attrs: dict) -> Layer:
+        """One divisor D: m / 2^k ~= s_x / (s_y D) with the preset's width (scale selection nudged
+        s_y so it is exact on mmav2). Divisors varying by position (count_include_pad = 0 at
+        padded borders, ceil-mode edges): one m per position with a shared k, as wide as
+        ``_varying_divisor_bits`` says, so the IR rounds S * s_x / (s_y D) as the QDQ model does
+        except within POOL_VARYING_ERROR of a tie (docs/ir.md, avgpool)."""
         ctx = self.ctx
         qp_x, qp_y = ctx.qparams[group.inputs[0]], ctx.qparams[group.output]
         count = pool_divisors(attrs, ctx.shapes[group.inputs[0]][2:], ctx.shapes[group.output][2:])
         ratio = np.float64(qp_x.scale[0]) / (np.float64(qp_y.scale[0]) * count)
-        if np.all(count == count.flat[0]):
-            ratio = ratio.reshape(-1)[:1]
+        preset = ctx.target.for_layer(group.name)
         try:
-            m, k = pool_multipliers(ratio, ctx.target.for_layer(group.name))
+            if np.all(count == count.flat[0]):
+                m, k = pool_multipliers(ratio.reshape(-1)[:1], preset)
+            else:
+                bits = self._varying_divisor_bits(group, count, qp_x, qp_y, preset)
+                m, k = shared_shift_multipliers(ratio.reshape(-1), bits)
+                m = m.reshape(count.shape)
         except ValueError as exc:
             raise ctx.fail(group, str(exc)) from None
         params = {"multiplier": m, "shift": np.array([k], np.int8)}
         params.update(self._clamp_params(group, qp_y))
         return self._layer(group, "avgpool", attrs=attrs, params=params, acc_dtype="int32",
                            rounding=ctx.target.requant_rounding)
+
+    def _varying_divisor_bits(self, group: LayerGroup, count: np.ndarray, qp_x: QParams, qp_y: QParams,
+                              preset: TargetPreset) -> int:
+        """Multiplier width b for an average pool whose divisor D varies by position.
+
+        k normalizes r_max = s_x / (s_y D_min) to b bits and m(p) = round(r(p) 2^k), so
+        |m(p)/2^k - r(p)| <= 2^-(k+1) <= r_max 2^-b (1 + 2^-b) and, for v = S r(p) (output steps),
+        |S m(p)/2^k - v| <= |v| (D_max / D_min) 2^-b (1 + 2^-b). Only |v| <= Y = 2^(output bits)
+        can leave an output unsaturated, so b >= 11 + log2(Y D_max / D_min (1 + 2^-16)) keeps the
+        error <= POOL_VARYING_ERROR: the IR's result then differs from round(v) only where v lies
+        within 2^-11 of a tie. At least max(preset width, pool_multiplier_bits), at most 31 and at
+        most what keeps |S| m + 2^(k-1) < 2^62 with |S| <= D_max max|q_x - zp_x| (int64 headroom).
+        """
+        spread = float(count.max()) / max(float(count.min()), 1.0)
+        y_range = float(qp_y.qmax - qp_y.qmin + 1)
+        needed = int(np.ceil(-np.log2(self.POOL_VARYING_ERROR) + np.log2(y_range * spread * (1 + 2.0**-16))))
+        bits = min(31, max(preset.multiplier_bits, preset.pool_multiplier_bits, needed))
+        zp_x = int(qp_x.zero_point[0])
+        s_max = float(count.max()) * max(abs(qp_x.qmin - zp_x), abs(qp_x.qmax - zp_x), 1)
+        return int(min(bits, 61 - np.ceil(np.log2(s_max))))
 
     def _lower_averagepool(self, group: LayerGroup) -> Layer:
         return self._avgpool(group, self._pool_attrs(group))

@@ -55,8 +55,8 @@ class CompileReport:
             return []
         adj = self.qparams.adjustments
         lines = ["scale adjustments:",
-                 f"  largest weight-scale nudge {self.qparams.largest('nudge'):.4%} "
-                 f"({sum(a.kind == 'nudge' for a in adj)} layers nudged so m/2^k is exact)"]
+                 (f"  largest weight-scale nudge {self.qparams.largest('nudge'):.4%} "
+                  f"({sum(a.kind == 'nudge' for a in adj)} layers nudged so m/2^k is exact)")]
         order = ["bias_fit", "dead_channel", "dropped_input", "output_nudge", "nudge"]
         for kind in order:
             lines.extend(f"  {a.describe()}" for a in adj if a.kind == kind)
@@ -70,9 +70,9 @@ class CompileReport:
         for layer in self.program.layers if self.program else []:
             ops[layer.op] = ops.get(layer.op, 0) + 1
         passes = [r for r in self.pass_records if r.modified]
-        lines = [f"compiled {self.source} for {self.target.name} ({self.target.weight_bits}-bit) in "
-                 f"{self.total_seconds:.2f} s: {n_layers} integer layers "
-                 f"({', '.join(f'{v} {k}' for k, v in sorted(ops.items()))})"]
+        lines = [(f"compiled {self.source} for {self.target.name} ({self.target.weight_bits}-bit) in "
+                  f"{self.total_seconds:.2f} s: {n_layers} integer layers "
+                  f"({', '.join(f'{v} {k}' for k, v in sorted(ops.items()))})")]
         for r in passes:
             lines.append(f"  pass {r.name}: {'; '.join(r.changes)}")
         if self.offload is not None and self.offload.float:
@@ -95,8 +95,8 @@ class CompileReport:
 
     def text(self) -> str:
         parts = [f"qlower compile report: {self.source}", f"target: {self.target.name} - {self.target.description}",
-                 f"bits: weights {self.target.weight_bits}, activations {self.target.activation_bits}; "
-                 f"multiplier bits {self.target.multiplier_bits}; bias {self.target.bias_dtype}", ""]
+                 (f"bits: weights {self.target.weight_bits}, activations {self.target.activation_bits}; "
+                  f"multiplier bits {self.target.multiplier_bits}; bias {self.target.bias_dtype}"), ""]
         parts.append("stages:")
         parts.extend(f"  {k:<12} {v * 1000:9.1f} ms" for k, v in self.stage_seconds.items())
         parts.append("")

@@ -10,7 +10,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from runtime.errors import ProgramError
-from runtime.float_ops import FLOAT_OPS, evaluate
+from runtime.fixed_point import dequantize, quantize
+from runtime.float_ops import FLOAT_OPS, evaluate, run_float_layer
+from runtime.ir import Layer, TensorInfo
 
 R = np.random.default_rng(0)
 
@@ -270,10 +272,6 @@ def test_split_equal_without_output_count_or_uneven_is_a_clear_error():
 def test_float_split_layer_takes_its_part_count_from_its_outputs():
     """A float Split layer at opset 13 with no sizes (the KeyError 'num_outputs' case) runs through
     run_float_layer: three int8 outputs, each the quantized third of the dequantized input."""
-    from runtime.float_ops import run_float_layer
-    from runtime.fixed_point import dequantize, quantize
-    from runtime.ir import Layer, TensorInfo
-
     s = np.array(0.05, np.float32)
     z = np.array(0, np.int64)
     q = R.integers(-128, 128, (1, 6, 2), dtype=np.int64).astype(np.int8)
