@@ -16,7 +16,8 @@ means, normalizations), so results agree with onnxruntime to float32 rounding.
 
 ``FLOAT_OPS`` maps an op type to ``fn(inputs, attrs) -> list of outputs``; ``inputs`` holds one
 entry per ONNX input position (None where the input is absent). ``evaluate`` runs one op and
-raises ProgramError for an op outside the set.
+raises ProgramError for an op outside the set; its ``n_outputs`` (the node's output count, which
+``run_float_layer`` passes) gives Split of opsets 2-17 its equal-split part count.
 """
 from __future__ import annotations
 
