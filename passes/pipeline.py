@@ -26,13 +26,13 @@ def exporter_forms() -> list[GraphPass]:
 
 def default_passes() -> list[GraphPass]:
     """The passes in their written order: names first (everything after refers to nodes by
-    name), then cleanup and folding, the exporter forms (``exporter_forms``), BatchNorm folding, Gemm normalization (alpha = beta = 1, 1-D bias), zero Pad folded into
-    the Conv after it, elementwise-chain fusion (lookup tables; before activation fusion, which
-    leaves a chain's nodes alone), and activation fusion
-    last (it annotates the producers that BatchNorm folding leaves)."""
-    return [NameNodes(), RemoveIdentity(), FoldConstants(), *exporter_forms(), RemoveDeadCode(), FoldBatchNorm(),
-            NormalizeGemm(), FoldPadIntoConv(),
-            FuseElementwiseChains(), FuseActivations()]
+    name), then cleanup and folding, the exporter forms (``exporter_forms``), BatchNorm folding,
+    Gemm normalization (alpha = beta = 1, 1-D bias), a zero Pad folded into the Conv after it,
+    elementwise-chain fusion (lookup tables; before activation fusion, which leaves a chain's
+    nodes alone), and activation fusion last (it annotates the producers that BatchNorm folding
+    leaves)."""
+    return [NameNodes(), RemoveIdentity(), FoldConstants(), *exporter_forms(), RemoveDeadCode(),
+            FoldBatchNorm(), NormalizeGemm(), FoldPadIntoConv(), FuseElementwiseChains(), FuseActivations()]
 
 
 def run_default_pipeline(model: onnx.ModelProto, instruments: tuple[Instrument, ...] = (),
