@@ -9,7 +9,7 @@ The integer rule of every op is written in docs/ir.md.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -91,6 +91,21 @@ def add_multipliers(ratios: np.ndarray, preset: TargetPreset) -> tuple[np.ndarra
     return shared_shift_multipliers(ratios, preset.multiplier_bits)
 
 
+def add_preset(preset: TargetPreset, input_dtypes) -> TargetPreset:
+    """The preset whose multiplier width an Add uses: its own, widened to the 16-bit form's
+    (``TargetPreset.wide``: at least 16 bits) when an input is 16-bit.
+
+    Why: the shared shift normalizes the larger ratio to b bits, so an input whose ratio is 2^-d
+    times smaller keeps only b - d bits. An 8-bit input (s ~ range/2^7) beside a 16-bit one
+    (s ~ range/2^15) puts d ~ 8, and with TIDL's 8-bit multiplier the 16-bit input was read with
+    ~1 bit (EfficientNet-Lite0, 16-bit block 1 into the block-2 Add: m_b = 1 for a ratio of 0.92,
+    an 8% gain error, -6 dB at the output). 16 bits keep >= 8 bits for it; |acc| <= 2^16 * 2^16 *
+    2 stays far inside int64. Shift-only presets are unchanged (power-of-2 ratios are exact)."""
+    if preset.shift_only or not any(str(d).endswith("16") for d in input_dtypes):
+        return preset
+    return replace(preset, multiplier_bits=max(preset.multiplier_bits, preset.wide().multiplier_bits))
+
+
 def concat_multipliers(ratios: np.ndarray, preset: TargetPreset) -> tuple[np.ndarray, np.ndarray]:
     """Concat: (m_i, k_i) per input with the preset's width; an input whose ratio is exactly 1
     (same scale as the output) passes through with m = 1, k = 0."""
@@ -153,6 +168,8 @@ def rescale_ratios(group: LayerGroup, table: QParamTable, preset: TargetPreset, 
     s_y = np.float64(table[group.output].scale[0]) if group.output in table else None
     scales = [np.float64(table[i].scale[0]) for i in group.inputs]
     if op in ("Add", "Sub") and len(scales) == 2:  # Sub: the add rule with m_b < 0 (lower_arith_ops)
+        if op == "Add":
+            preset = add_preset(preset, [table[i].dtype for i in group.inputs])
         m, k = add_multipliers(np.array(scales) / s_y, preset)
         return {t: np.float32(int(mi) * 2.0**-k * s_y) for t, mi in zip(group.inputs, m)}
     if op == "Concat":
@@ -366,7 +383,7 @@ class Lowering(ShapeOpLowering, ArithmeticOpLowering, FloatFallbackLowering):
         qy = self.ctx.qparams[group.output]
         ratios = np.array([qa.scale[0], qb.scale[0]], np.float64) / np.float64(qy.scale[0])
         try:
-            m, k = add_multipliers(ratios, self.ctx.target.for_layer(group.name))
+            m, k = add_multipliers(ratios, add_preset(self.ctx.target.for_layer(group.name), [qa.dtype, qb.dtype]))
         except ValueError as exc:
             raise self.ctx.fail(group, str(exc)) from None
         params = {"multiplier": m, "shift": np.array([k], np.int8)}

@@ -10,7 +10,8 @@ scale = (max - min) / (qmax - qmin) and a zero point. Pass-through layers (MaxPo
 Flatten, ReLU/Clip standing alone) inherit their input's encoding exactly ("aligned").
 Weights: symmetric, scale = max|w| / qmax per output channel (or per tensor), raised where the
 bias would not fit its integer type: q_b = round(b / (s_x * s_w)) must satisfy |q_b| <= room
-(BIAS_ROOM: 2^30 for int32, 2^15 - 1 for int16), so s_w >= |b| / (s_x * room); on power-of-2 targets (int16 bias on
+(BIAS_ROOM: 2^30 for int32, 2^15 - 1 for int16, 2^40 for the int64 bias of every layer with a
+16-bit input or weights, ``bias_dtype_for``), so s_w >= |b| / (s_x * room); on power-of-2 targets (int16 bias on
 TDA4VM) that raises s_w by whole powers of two, and the bits lost are recorded. An all-zero
 channel with zero bias gets scale 1 (any positive value encodes it exactly), never a division by
 zero. On power-of-2 targets every scale is rounded up to the next power of two (an activation
@@ -35,9 +36,12 @@ from .calibration import TensorRange
 from .errors import CompileError
 from .range_estimators import best_power_of_two_scale
 
-BIAS_ROOM = {"int32": 2.0**30, "int16": 2.0**15 - 1}
+BIAS_ROOM = {"int64": 2.0**40, "int32": 2.0**30, "int16": 2.0**15 - 1}
 """Largest |q_b|: int32 keeps a bit of headroom for the int32 accumulator the bias is added to;
-int16 (TDA4VM) uses its whole range, the accumulator being wider than the bias."""
+int16 (TDA4VM) uses its whole range, the accumulator being wider than the bias. int64 (every
+layer with a 16-bit operand, ``bias_dtype_for``) stops at 2^40: with |sum w x| <= 2^30 K
+(16 x 16 bits) and a multiplier of at most 16 bits (``layer_multiplier_bits``), |acc| m stays
+below 2^62 for K up to 2^15, so the lowering's overflow check holds."""
 
 MIN_RANGE = 1e-6  # a tensor whose calibrated |range| is below this is treated as having this range
 
@@ -284,10 +288,13 @@ def _nudge_output_scale(group, table: QParamTable, preset: TargetPreset, shapes:
     Add/Concat keep the bounded error of their own m_i (docs/ir.md). |s_y'/s_y - 1| <= 2^-bits,
     recorded as an ``output_nudge``. Shift-only presets need none (power-of-2 ratios are exact)."""
     from .lowering import (  # lowering owns these layers' integer rules
+        add_preset,
         pool_divisors,
         pool_window_attrs,
     )
 
+    if group.op_type == "Add":  # a 16-bit input widens the Add's multiplier (lowering.add_preset)
+        preset = add_preset(preset, [table[i].dtype for i in group.inputs])
     bits = preset.multiplier_bits
     out = table[group.output]
     if bits == 0 or group.op_type not in ("Add", "Concat", "AveragePool", "GlobalAveragePool"):
@@ -317,12 +324,27 @@ def _nudge_output_scale(group, table: QParamTable, preset: TargetPreset, shapes:
     table.adjustments.append(ScaleAdjustment(group.name, group.output, "output_nudge", change))
 
 
+def bias_dtype_for(input_dtype: str, preset: TargetPreset) -> str:
+    """The bias type of a weighted layer: int64 when its input or its weights are 16-bit, else the
+    preset's (int32, or int16 on TDA4VM).
+
+    Why: the bias is quantized at s_b = s_x * s_w. With a 16-bit s_x or s_w, s_b is ~2^8 (one 16-bit
+    operand) or ~2^16 (both) times finer than in the 8-bit layer, so q_b = b / s_b of an ordinary
+    BatchNorm-folded bias overflows int32; fitting it would raise s_w (``bias_fit``) by as many
+    bits, throwing away the precision the 16-bit layer was promoted for (a 16 x 16-bit layer with
+    |b| ~ 100 and s_x ~ 1e-4 lost ~6 of its 16 weight bits; on EfficientNet-Lite0 the worst
+    channel of an 8-bit layer after a 16-bit one lost 13). The accumulator is int64 in these
+    layers anyway; the QDQ model reads such a bias through Cast + Mul (passes/insert_qdq.py)."""
+    if input_dtype.endswith("16") or preset.weight_bits == 16:
+        return "int64"
+    return preset.bias_dtype
+
+
 def _weight_and_bias(group, index: GraphIndex, table: QParamTable, preset: TargetPreset) -> None:
     qp_x, qp_y = table[group.inputs[0]], table[group.output]
-    if qp_x.dtype.endswith("16") and preset.bias_bits < 32:
-        # an 8-bit layer reading a 16-bit input accumulates 16 x 8 bits: its bias is int32, as in
-        # the 16-bit form (an int16 bias at s_x * s_w with a 16-bit s_x would cost ~8 weight bits)
-        preset = replace(preset, bias_dtype="int32")
+    bias_dtype = bias_dtype_for(qp_x.dtype, preset)
+    if bias_dtype != preset.bias_dtype:
+        preset = replace(preset, bias_dtype=bias_dtype)
     s_x = qp_x.scale[0]
     weight = index.constant(group.weight)
     bias = index.constant(group.bias) if group.bias else None

@@ -9,6 +9,13 @@ appears: the Q follows the fused activation. Weights become an integer initializ
 becomes an int32 initializer behind a DequantizeLinear with scale float32(s_x * s_w).
 An int16 bias (TDA4VM) is stored as an int32 initializer with the same values: the arithmetic is
 the same, and DequantizeLinear before opset 21 takes no int16.
+An int64 bias (every layer with a 16-bit input or 16-bit weights: compiler/scales.py,
+``bias_dtype_for``) has no DequantizeLinear form (it takes no int64 input), so it becomes an int64
+initializer ``B_quantized`` behind Cast(to float32) and Mul(s_b): float32(q_b) * float32(s_b) in
+float32 arithmetic (``bias_float_values``), bit for bit what onnxruntime's DequantizeLinear computes
+from an integer q_b (it converts q_b - 0 to float32 and multiplies by the float32 scale). The
+integer stays in the model (bias correction rewrites it like any other bias); the IR adds the
+exact int64 q_b, the QDQ model its float32 rounding, as it does for an int32 q_b above 2^24.
 A layer without weights whose multipliers cannot represent its scale ratios exactly (Add, Concat,
 average pooling with a short multiplier) reads its input through its own DequantizeLinear with the
 effective scale of ``QParamTable.consumer_scales`` (tensor ``T_for_<node>``), so the QDQ model
@@ -54,6 +61,20 @@ def _qparam_initializers(tensor: str, qp: QParams) -> tuple[list[onnx.TensorProt
              numpy_helper.from_array(zp.astype(np.dtype(qp.dtype)), f"{tensor}_zero_point")]
     attrs = {"axis": qp.axis} if qp.per_channel else {}
     return inits, attrs
+
+
+def bias_float_values(q_b: np.ndarray, qp: QParams) -> np.ndarray:
+    """float32(q_b) * float32(s_b) computed in float32 (per channel along ``qp.axis``): the output of
+    DequantizeLinear(q_b, s_b, 0) in onnxruntime, for a bias whose integer type (int64) ONNX
+    DequantizeLinear does not accept."""
+    scale = qp.scale.astype(np.float32)
+    if qp.per_channel:
+        shape = [1] * q_b.ndim
+        shape[qp.axis] = -1
+        scale = scale.reshape(shape)
+    else:
+        scale = scale.reshape(())
+    return (np.asarray(q_b).astype(np.float32) * scale).astype(np.float32)
 
 
 class InsertQDQ(GraphPass):
@@ -143,6 +164,17 @@ class InsertQDQ(GraphPass):
         for tensor in dict.fromkeys(constants):
             qp = self.qparams[tensor]
             values = index.constant(tensor)
+            if qp.dtype == "int64" and tensor in biases:  # no int64 DequantizeLinear: Cast + Mul
+                q_init = numpy_helper.from_array(quantize_constant(values, qp), quantized_name(tensor))
+                scale = qp.scale.astype(np.float32)
+                s_init = numpy_helper.from_array(scale if qp.per_channel else scale.reshape(()), f"{tensor}_scale")
+                quantized_constants += [q_init, s_init]
+                new_nodes.append(helper.make_node("Cast", [q_init.name], [f"{tensor}_as_float"],
+                                                  name=f"{tensor}_Cast", to=onnx.TensorProto.FLOAT))
+                new_nodes.append(helper.make_node("Mul", [f"{tensor}_as_float", s_init.name], [tensor],
+                                                  name=f"{tensor}_Mul"))
+                changes.append(f"int64 bias '{tensor}': Cast + Mul (DequantizeLinear takes no int64)")
+                continue
             if qp.dtype == "int16" and tensor in biases:
                 qp = QParams(qp.scale, qp.zero_point, "int32", qp.axis, qp.source)  # same values, opset-13 DQ
             q_init = numpy_helper.from_array(quantize_constant(values, qp), quantized_name(tensor))
