@@ -168,8 +168,7 @@ def rescale_ratios(group: LayerGroup, table: QParamTable, preset: TargetPreset, 
     s_y = np.float64(table[group.output].scale[0]) if group.output in table else None
     scales = [np.float64(table[i].scale[0]) for i in group.inputs]
     if op in ("Add", "Sub") and len(scales) == 2:  # Sub: the add rule with m_b < 0 (lower_arith_ops)
-        if op == "Add":
-            preset = add_preset(preset, [table[i].dtype for i in group.inputs])
+        preset = add_preset(preset, [table[i].dtype for i in group.inputs])
         m, k = add_multipliers(np.array(scales) / s_y, preset)
         return {t: np.float32(int(mi) * 2.0**-k * s_y) for t, mi in zip(group.inputs, m)}
     if op == "Concat":

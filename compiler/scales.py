@@ -293,7 +293,7 @@ def _nudge_output_scale(group, table: QParamTable, preset: TargetPreset, shapes:
         pool_window_attrs,
     )
 
-    if group.op_type == "Add":  # a 16-bit input widens the Add's multiplier (lowering.add_preset)
+    if group.op_type in ("Add", "Sub"):  # a 16-bit input widens the multiplier (lowering.add_preset)
         preset = add_preset(preset, [table[i].dtype for i in group.inputs])
     bits = preset.multiplier_bits
     out = table[group.output]

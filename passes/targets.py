@@ -33,11 +33,11 @@ layers_16bit
     width (TIDL's ``output_feature_16bit_names_list``); ``for_layer`` gives their preset.
 
 The 16-bit form (``get_target(name, 16)`` or a layer of ``layers_16bit``) has int16 weights and
-activations and an int64 accumulator, but keeps an int32 bias: ONNX DequantizeLinear takes no
-int64 input, so an int64 bias could not be described by the QDQ model, and int32 at scale
-s_x * s_w already resolves the bias far below one output step. Its multiplier has at least 16
-bits (an 8-bit one would leave a gain error of up to 2^-9 in layers without weights, about 48 dB,
-far above 16-bit rounding noise). Where an operand of a layer is
+activations and an int64 accumulator. Its bias is int64 (chosen by scale selection,
+``compiler.scales.bias_dtype_for``, for every weighted layer with a 16-bit input or 16-bit
+weights; the QDQ model reads it through Cast + Mul, since DequantizeLinear takes no int64). Its
+multiplier has at least 16 bits (an 8-bit one would leave a gain error of up to 2^-9 in layers
+without weights, about 48 dB, far above 16-bit rounding noise). Where an operand of a layer is
 16-bit, the multiplier is capped at 16 bits (``layer_multiplier_bits``): a 16x16-bit accumulator
 (~2^30 * K) times a 31-bit m could leave int64.
 """
@@ -72,8 +72,9 @@ class TargetPreset:
         return int(self.bias_dtype[3:])
 
     def wide(self) -> TargetPreset:
-        """The 16-bit form of this preset (int16 weights and activations, int32 bias, and a
-        multiplier of at least 16 bits where the preset has one)."""
+        """The 16-bit form of this preset (int16 weights and activations, a multiplier of at least
+        16 bits where the preset has one). ``bias_dtype`` stays int32 here; scale selection gives
+        the layers that need it an int64 bias (compiler.scales.bias_dtype_for)."""
         bits = self.multiplier_bits if self.shift_only else max(self.multiplier_bits, 16)
         return replace(self, weight_bits=16, activation_bits=16, bias_dtype="int32", multiplier_bits=bits)
 

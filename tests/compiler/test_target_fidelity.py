@@ -285,9 +285,9 @@ def test_cli_target_options(tmp_path, capsys):
     assert 2**15 <= conv.params["multiplier"].min() and conv.params["multiplier"].max() < 2**16
 
 
-def _residual_model() -> onnx.ModelProto:
+def _residual_model(join: str = "Add") -> onnx.ModelProto:
     """x[1,3,8,8] -> c1 (3x3, 3->8) -> Relu -> a1; c2 (1x1, 8->8) -> t2; c3 (1x1, 8->8) -> t3;
-    y = Add(t2, t3). c2 has a sizeable bias (BatchNorm-folded style, |b| up to 40, two channels
+    y = Add(t2, t3) (or Sub: the add rule with m_b < 0). c2 has a sizeable bias (BatchNorm-folded style, |b| up to 40, two channels
     with tiny weights and a bias of 30) so that at s_x * s_w with a 16-bit input and 16-bit
     weights q_b = b / (s_x s_w) is far beyond int32; t2 and t3 have similar ranges, so with c2
     in 16 bits the Add reads one 8-bit and one 16-bit input whose ratios differ by ~2^8."""
@@ -304,7 +304,7 @@ def _residual_model() -> onnx.ModelProto:
              helper.make_node("Relu", ["t1"], ["a1"], name="r1"),
              helper.make_node("Conv", ["a1", "w2", "b2"], ["t2"], name="c2"),
              helper.make_node("Conv", ["a1", "w3", "b3"], ["t3"], name="c3"),
-             helper.make_node("Add", ["t2", "t3"], ["y"], name="add")]
+             helper.make_node(join, ["t2", "t3"], ["y"], name="add")]
     inits = [numpy_helper.from_array(v, n) for n, v in
              [("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("w3", w3), ("b3", b3)]]
     graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
@@ -324,15 +324,16 @@ def _sqnr_qdq_and_runtime(result, model, x):
     return sqnr_db(ref, qdq), sqnr_db(ref, ours)
 
 
+@pytest.mark.parametrize("join", ["Add", "Sub"])
 @pytest.mark.parametrize("layers", [["c2"], ["c1", "c2"], ["c1", "c2", "c3"]])
-def test_promoting_layers_with_a_sizeable_bias_to_16bit_never_loses_accuracy(layers):
+def test_promoting_layers_with_a_sizeable_bias_to_16bit_never_loses_accuracy(layers, join):
     """Regression (EfficientNet-Lite0 measured worse with layers in 16 bits): an int32 bias at a
     16-bit s_x * s_w made scale selection raise the 16-bit weight scale by many bits, and an Add
     reading a 16-bit and an 8-bit input with TIDL's 8-bit multiplier read the 16-bit one with
     ~1 significant bit (m_b of 0 or 1 under the shared shift). Promoting layers must not lower
     the output SQNR, in the QDQ model nor in the integer program, and every layer must still
     match the QDQ model."""
-    model = _residual_model()
+    model = _residual_model(join)
     rng = np.random.default_rng(11)
     calib = {"x": rng.uniform(-1, 1, (8, 3, 8, 8)).astype(np.float32)}
     x = rng.uniform(-1, 1, (8, 3, 8, 8)).astype(np.float32)
