@@ -14,8 +14,8 @@ from __future__ import annotations
 import ntpath
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import onnx

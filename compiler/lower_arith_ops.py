@@ -163,7 +163,10 @@ class ArithmeticOpLowering:
         if len(group.inputs) == 1 and group.constants:
             c, pos = self._constant_operand(group)
             return self._affine(group, np.ones(1), -c) if pos == 1 else self._affine(group, -np.ones(1), c)
-        from .lowering import add_multipliers, add_preset  # here: lowering imports this module
+        from .lowering import (  # here: lowering imports this module
+            add_multipliers,
+            add_preset,
+        )
 
         qa, qb = (self.ctx.qparams[i] for i in group.inputs)
         qy = self.ctx.qparams[group.output]

@@ -11,8 +11,8 @@ in the written order; a check returns None when the pair fuses, otherwise its re
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import onnx

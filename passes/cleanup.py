@@ -10,8 +10,8 @@ import onnx
 
 from .base import GraphPass, PassResult
 from .graph import (
-    drop_stale_value_info,
     GraphIndex,
+    drop_stale_value_info,
     node_reads,
     remove_initializers,
     remove_nodes,

@@ -18,7 +18,14 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .base import GraphPass, PassResult
-from .graph import add_initializer, constant_node_value, get_attr, infer_tensor_info, remove_nodes, subgraphs
+from .graph import (
+    add_initializer,
+    constant_node_value,
+    get_attr,
+    infer_tensor_info,
+    remove_nodes,
+    subgraphs,
+)
 
 NEVER_FOLD = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",

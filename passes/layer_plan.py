@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .activation_fusion import activation_bounds, fused_activation_of, is_fused_activation
+from .activation_fusion import (
+    activation_bounds,
+    fused_activation_of,
+    is_fused_activation,
+)
 from .elementwise_fusion import (
     LUT_CHAIN_END,
     LUT_CHAIN_HEAD,

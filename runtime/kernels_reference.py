@@ -278,8 +278,8 @@ KERNELS = {
 }
 
 # Op families kept in their own modules (imported last: they use the helpers above).
-from .kernels_arith import KERNELS as _ARITH_KERNELS  # noqa: E402
-from .kernels_shape import KERNELS as _SHAPE_KERNELS  # noqa: E402
+from .kernels_arith import KERNELS as _ARITH_KERNELS
+from .kernels_shape import KERNELS as _SHAPE_KERNELS
 
 KERNELS.update(_SHAPE_KERNELS)
 KERNELS.update(_ARITH_KERNELS)

@@ -109,11 +109,10 @@ def save_program(program: Program, path) -> None:
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w") as zf:
-                _write_member(zf, PROGRAM_MEMBER, text)
-                for name, array in members:
-                    _write_member(zf, name, _npy_bytes(array))
+        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w") as zf:
+            _write_member(zf, PROGRAM_MEMBER, text)
+            for name, array in members:
+                _write_member(zf, name, _npy_bytes(array))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

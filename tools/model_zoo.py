@@ -20,8 +20,8 @@ import argparse
 import io
 import os
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import onnx

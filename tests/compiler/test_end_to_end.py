@@ -5,7 +5,7 @@ can fail."""
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -26,7 +26,7 @@ EVAL_SAMPLES = 8
 MIN_SQNR_DB = {"mmav2": 10.0, "mmav1": 7.0}
 
 
-@lru_cache(maxsize=None)
+@cache
 def compiled(model_name: str, target: str, multiplier_bits: int | None = None):
     model = model_zoo.MODELS[model_name]()
     calib = model_zoo.calibration_samples(model, 16, seed=0)

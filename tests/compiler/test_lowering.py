@@ -7,8 +7,13 @@ import pytest
 from onnx import helper
 
 from compiler.errors import CompileError
-from compiler.lowering import (_window_counts, choose_multipliers, clamp_bounds, explicit_pads,
-                               shared_shift_multipliers)
+from compiler.lowering import (
+    _window_counts,
+    choose_multipliers,
+    clamp_bounds,
+    explicit_pads,
+    shared_shift_multipliers,
+)
 from passes.graph import GraphIndex
 from passes.qparams import QParams
 

@@ -5,7 +5,12 @@ import numpy as np
 import pytest
 
 from compiler.calibration import TensorRange
-from compiler.scales import activation_qparams, bias_qparams, round_up_power_of_two, weight_qparams
+from compiler.scales import (
+    activation_qparams,
+    bias_qparams,
+    round_up_power_of_two,
+    weight_qparams,
+)
 from passes.qparams import quantize_constant
 from passes.targets import get_target
 

@@ -4,7 +4,16 @@ The pipeline folds BatchNormalization (float32 weights from float64 arithmetic),
 tolerance is BatchNorm folding's: rtol 1e-5, atol 1e-5 (see test_batchnorm_folding.py).
 """
 import numpy as np
-from graphs import assert_same_outputs, bn_inits, bn_node, check, init, make_model, ops, rand
+from graphs import (
+    assert_same_outputs,
+    bn_inits,
+    bn_node,
+    check,
+    init,
+    make_model,
+    ops,
+    rand,
+)
 from onnx import helper
 
 from passes.activation_fusion import fused_groups
