@@ -163,21 +163,7 @@ class ArithmeticOpLowering:
         if len(group.inputs) == 1 and group.constants:
             c, pos = self._constant_operand(group)
             return self._affine(group, np.ones(1), -c) if pos == 1 else self._affine(group, -np.ones(1), c)
-        from .lowering import (  # here: lowering imports this module
-            add_multipliers,
-            add_preset,
-        )
-
-        qa, qb = (self.ctx.qparams[i] for i in group.inputs)
-        qy = self.ctx.qparams[group.output]
-        ratios = np.array([qa.scale[0], qb.scale[0]], np.float64) / np.float64(qy.scale[0])
-        try:
-            m, k = add_multipliers(ratios, add_preset(self.ctx.target.for_layer(group.name), [qa.dtype, qb.dtype]))
-        except ValueError as exc:
-            raise self.ctx.fail(group, str(exc)) from None
-        params = {"multiplier": np.array([m[0], -int(m[1])], np.int32), "shift": np.array([k], np.int8)}
-        params.update(self._clamp_params(group, qy, group.activation))
-        return self._layer(group, "add", params=params, acc_dtype="int64", rounding=self.ctx.target.requant_rounding)
+        return self._two_input_add(group, sign_b=-1)  # lowering.py
 
     def _lower_mul(self, group: LayerGroup) -> Layer:
         """x * c: affine (per-channel c gives per-channel multipliers, BatchNorm-like scales);

@@ -378,6 +378,11 @@ class Lowering(ShapeOpLowering, ArithmeticOpLowering, FloatFallbackLowering):
     def _lower_add(self, group: LayerGroup) -> Layer:
         if group.constants:
             return self._lower_add_constant(group)  # lower_arith_ops.py: the affine rule
+        return self._two_input_add(group, sign_b=1)
+
+    def _two_input_add(self, group: LayerGroup, sign_b: int) -> Layer:
+        """a + sign_b * b between tensors (docs/ir.md, add): multipliers with one shared shift,
+        the second negated for Sub; a 16-bit input widens the multiplier (``add_preset``)."""
         qa, qb = (self.ctx.qparams[i] for i in group.inputs)
         qy = self.ctx.qparams[group.output]
         ratios = np.array([qa.scale[0], qb.scale[0]], np.float64) / np.float64(qy.scale[0])
@@ -385,7 +390,7 @@ class Lowering(ShapeOpLowering, ArithmeticOpLowering, FloatFallbackLowering):
             m, k = add_multipliers(ratios, add_preset(self.ctx.target.for_layer(group.name), [qa.dtype, qb.dtype]))
         except ValueError as exc:
             raise self.ctx.fail(group, str(exc)) from None
-        params = {"multiplier": m, "shift": np.array([k], np.int8)}
+        params = {"multiplier": np.array([m[0], sign_b * int(m[1])], np.int32), "shift": np.array([k], np.int8)}
         params.update(self._clamp_params(group, qy, group.activation))
         return self._layer(group, "add", params=params, acc_dtype="int64", rounding=self.ctx.target.requant_rounding)
 

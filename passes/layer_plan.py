@@ -142,6 +142,19 @@ class LayerPlan:
         return [g for g in self.groups if g.kind == "float"]
 
 
+def _constant_2d_kernel_reason(node: onnx.NodeProto, index: GraphIndex, what: str) -> str | None:
+    """Why a Conv/ConvTranspose cannot be an integer layer: its weight or bias is computed at run
+    time, or it is not 2-D; None when it can."""
+    if not index.is_constant(node.input[1]):
+        return "weight is not a constant"
+    if len(node.input) > 2 and node.input[2] and not index.is_constant(node.input[2]):
+        return "bias is not a constant"
+    w = index.constant(node.input[1])
+    if w is not None and w.ndim != 4:
+        return f"only 2-D {what} is lowered (weight rank {w.ndim})"
+    return None
+
+
 def _unsupported_reason(node: onnx.NodeProto, index: GraphIndex) -> str | None:
     op = node.op_type
     if node.domain not in ("", "ai.onnx"):
@@ -151,13 +164,9 @@ def _unsupported_reason(node: onnx.NodeProto, index: GraphIndex) -> str | None:
     if op not in SUPPORTED_OPS:
         return "no integer lowering for this op yet"
     if op == "Conv":
-        if not index.is_constant(node.input[1]):
-            return "weight is not a constant"
-        if len(node.input) > 2 and node.input[2] and not index.is_constant(node.input[2]):
-            return "bias is not a constant"
-        w = index.constant(node.input[1])
-        if w is not None and w.ndim != 4:
-            return f"only 2-D convolution is lowered (weight rank {w.ndim})"
+        reason = _constant_2d_kernel_reason(node, index, "convolution")
+        if reason:
+            return reason
     if op == "Gemm":
         if get_attr(node, "transA", 0):
             return "transA=1 is not supported"
@@ -271,13 +280,9 @@ def _data_movement_reason(node: onnx.NodeProto, index: GraphIndex) -> str | None
             if mode == "linear" and sum(v != 1.0 for v in scales) > 2:
                 return "linear resize of more than 2 axes is not lowered"
     if op == "ConvTranspose":
-        if not index.is_constant(node.input[1]):
-            return "weight is not a constant"
-        if len(node.input) > 2 and node.input[2] and not index.is_constant(node.input[2]):
-            return "bias is not a constant"
-        w = index.constant(node.input[1])
-        if w is not None and w.ndim != 4:
-            return f"only 2-D ConvTranspose is lowered (weight rank {w.ndim})"
+        reason = _constant_2d_kernel_reason(node, index, "ConvTranspose")
+        if reason:
+            return reason
     return None
 
 # ONNX element types a float layer may output without quantization (kept exact, scale 1, zp 0).
