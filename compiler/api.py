@@ -33,7 +33,7 @@ from .calibration_data import load_calibration
 from .dump import DumpInstrument, record_step
 from .errors import CompileError
 from .loader import load_model
-from .lowering import lower_program
+from .lowering import lower_program, static_value_info
 from .mixed_precision import choose_16bit_layers
 from .offload import check_float_groups, offload_report
 from .prequantized import lower_prequantized, prequantized_qparams, uncovered_tensors
@@ -200,11 +200,17 @@ def compile_model(model_or_path, target: str = "mmav2", calibration=None, *, bit
         raise CompileError(f"{source_name}: the QDQ model leaves {len(to_calibrate)} activation(s) unquantized "
                            f"({', '.join(repr(t) for t in to_calibrate[:6])}); quantize them in the model or "
                            "give calibration data (--calib DATA.npz) to calibrate them")
+    shapes = types = None
+    if not prequantized:  # one shape inference for calibration, scales and lowering (same graph)
+        try:
+            shapes, types = static_value_info(model)
+        except Exception:  # noqa: BLE001 (each stage then runs inference itself and fails as before)
+            shapes = types = None
     ranges = {}
     if to_calibrate:
         data = load_calibration(calibration, loaded.inputs)
         ranges = collect_ranges(model, to_calibrate, data, method=calib_method, percentile=percentile,
-                                progress=progress, activation_bits=preset.activation_bits)
+                                progress=progress, activation_bits=preset.activation_bits, element_types=types)
         report.notes.append(f"calibrated {len(ranges)} tensors on {data.num_samples} samples ({calib_method}; "
                             f"{data.origin})")
     report.stage("calibration", clock)
@@ -216,16 +222,16 @@ def compile_model(model_or_path, target: str = "mmav2", calibration=None, *, bit
             qparams, preset, native_bits = scales.qparams, scales.target, scales.native_multiplier_bits
             report.notes.extend(scales.notes)
         else:
-            qparams = choose_qparams(model, plan, ranges, preset)
+            qparams = choose_qparams(model, plan, ranges, preset, shapes)
             if auto_16bit is not None:
                 mixed = choose_16bit_layers(model, plan, ranges, preset, data, auto_16bit, auto_16bit_budget)
                 report.notes.append(mixed.summary())
                 preset = report.target = mixed.preset
-                qparams = choose_qparams(model, plan, ranges, preset)
+                qparams = choose_qparams(model, plan, ranges, preset, shapes)
             if bias_correction:
                 corrected = correct_biases(model, plan, qparams, data)
                 report.notes.append(corrected.summary())
-                qparams = choose_qparams(model, plan, ranges, preset)  # bias encodings of the new biases
+                qparams = choose_qparams(model, plan, ranges, preset, shapes)  # bias encodings of the new biases
     except CompileError as exc:
         raise _in_file(source_name, exc) from None
     report.qparams = qparams
@@ -255,7 +261,7 @@ def compile_model(model_or_path, target: str = "mmav2", calibration=None, *, bit
         if prequantized:
             program = lower_prequantized(model, plan, qparams, preset, metadata, native_bits, report.notes)
         else:
-            program = lower_program(model, plan, qparams, preset, metadata)
+            program = lower_program(model, plan, qparams, preset, metadata, shapes)
     except CompileError as exc:
         raise _in_file(source_name, exc) from None
     report.program = program

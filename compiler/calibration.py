@@ -257,7 +257,7 @@ def _check_options(method: str, percentile: float, num_bins: int) -> None:
 def collect_ranges(model: onnx.ModelProto, tensor_names: list[str], data: CalibrationSet,
                    method: str = "minmax", percentile: float = 99.99, batch_size: int = 1,
                    num_bins: int = 2048, progress: bool | None = None,
-                   activation_bits: int = 8) -> dict[str, TensorRange]:
+                   activation_bits: int = 8, element_types: dict[str, int] | None = None) -> dict[str, TensorRange]:
     """The range of each named tensor (node outputs and graph inputs) over all calibration samples.
 
     ``method="minmax"``: running min and max. The histogram methods keep an ``AbsHistogram`` of
@@ -267,7 +267,7 @@ def collect_ranges(model: onnx.ModelProto, tensor_names: list[str], data: Calibr
     get. A batch of ``batch_size`` samples is run at a time (the model's batch axis is made
     symbolic for sizes above 1, so a model that hard-codes batch 1 inside, e.g. in a Reshape,
     needs batch_size=1). ``progress``: a progress bar on stderr (None: only when stderr is a
-    terminal).
+    terminal). ``element_types``: ``_element_types(model)`` when the caller has it already.
     """
     _check_options(method, percentile, num_bins)
     names = list(dict.fromkeys(tensor_names))
@@ -278,7 +278,7 @@ def collect_ranges(model: onnx.ModelProto, tensor_names: list[str], data: Calibr
     from_feed = [n for n in names if n in inputs]
     from_run = [n for n in names if n not in inputs]
     histograms = method != "minmax"
-    session = _CalibrationSession(model, from_run, batch_size, histograms) if from_run else None
+    session = _CalibrationSession(model, from_run, batch_size, histograms, element_types) if from_run else None
 
     minmax = {n: MinMaxObserver() for n in names}
     hists = {n: AbsHistogram(num_bins) for n in names} if histograms else {}
@@ -377,12 +377,14 @@ def _check_names(model: onnx.ModelProto, names: list[str], inputs: list[str]) ->
 
 def _session_with_outputs(model: onnx.ModelProto, outputs: list[str], batch_size: int,
                           extra_nodes: list[onnx.NodeProto] = (),
-                          extra_types: dict[str, int] | None = None) -> ort.InferenceSession:
+                          extra_types: dict[str, int] | None = None,
+                          types: dict[str, int] | None = None) -> ort.InferenceSession:
     """One session of a copy of ``model`` (plus ``extra_nodes``) whose graph outputs are exactly
-    ``outputs``."""
+    ``outputs``. ``types`` is ``_element_types(model)`` when the caller has it already (shape
+    inference on a large model costs a serialization and a parse)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    types = _element_types(m)
+    types = dict(_element_types(m) if types is None else types)
     types.update(extra_types or {})
     if batch_size > 1:
         # The samples' axis replaces the batch axis: make it symbolic, and drop recorded shapes
@@ -416,13 +418,13 @@ class _CalibrationSession:
     is not an output already); the sum is never used otherwise."""
 
     def __init__(self, model: onnx.ModelProto, tensors: list[str], batch_size: int,
-                 keep_tensors: bool):
+                 keep_tensors: bool, element_types: dict[str, int] | None = None):
         self.model, self.tensors, self.batch_size = model, tensors, batch_size
         self.keep_tensors = keep_tensors
         graph = model.graph
         taken = {n.name for n in graph.node} | {o for n in graph.node for o in n.output}
         taken |= {i.name for i in graph.input} | {i.name for i in graph.initializer}
-        types = _element_types(model)
+        types = self._types = _element_types(model) if element_types is None else element_types
         nodes, outputs, extra_types = [], [], {}
         self._stats: list[tuple[str, str, str]] = []
         for t in tensors:
@@ -438,7 +440,7 @@ class _CalibrationSession:
         if keep_tensors:
             outputs += tensors
         self.output_names = outputs
-        self.session = _session_with_outputs(model, outputs, batch_size, nodes, extra_types)
+        self.session = _session_with_outputs(model, outputs, batch_size, nodes, extra_types, types)
         self._fallback: ort.InferenceSession | None = None
 
     def run(self, feeds: dict[str, np.ndarray], where: str):
@@ -465,7 +467,7 @@ class _CalibrationSession:
 
     def _fetch(self, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         if self._fallback is None:
-            self._fallback = _session_with_outputs(self.model, self.tensors, self.batch_size)
+            self._fallback = _session_with_outputs(self.model, self.tensors, self.batch_size, types=self._types)
         return self._fallback.run([name], feeds)[0]
 
 

@@ -45,13 +45,23 @@ class LoweringContext:
 
 def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """Static shapes of every tensor, from ONNX shape inference (inputs, value_info, outputs)."""
+    return static_value_info(model)[0]
+
+
+def static_value_info(model: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """(``tensor_shapes(model)``, element types) from one ONNX shape inference: the types are
+    what ``calibration._element_types`` reads (every tensor with a recorded or inferred tensor
+    type). Inference serializes and parses the whole model, so a compile runs it once for the
+    calibration, scales and lowering stages, which all see the same graph."""
     inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {}
+    shapes, types = {}, {}
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         dims = vi.type.tensor_type.shape.dim
         if all(d.HasField("dim_value") for d in dims):
             shapes[vi.name] = tuple(d.dim_value for d in dims)
-    return shapes
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    return shapes, types
 
 
 def choose_multipliers(ratio: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -244,9 +254,10 @@ class Lowering(ShapeOpLowering, ArithmeticOpLowering, FloatFallbackLowering):
     module each."""
 
     def __init__(self, model: onnx.ModelProto, plan: LayerPlan, qparams: QParamTable, target: TargetPreset,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, shapes: dict[str, tuple[int, ...]] | None = None):
         self.plan = plan
-        self.ctx = LoweringContext(model, GraphIndex(model.graph), qparams, target, tensor_shapes(model))
+        shapes = tensor_shapes(model) if shapes is None else shapes
+        self.ctx = LoweringContext(model, GraphIndex(model.graph), qparams, target, shapes)
         self.metadata = dict(metadata or {})
 
     def run(self) -> Program:
@@ -491,6 +502,8 @@ class Lowering(ShapeOpLowering, ArithmeticOpLowering, FloatFallbackLowering):
 
 
 def lower_program(model: onnx.ModelProto, plan: LayerPlan, qparams: QParamTable, target: TargetPreset,
-                  metadata: dict[str, str] | None = None) -> Program:
-    """The integer program for a fused float model and its quantization-parameter table."""
-    return Lowering(model, plan, qparams, target, metadata).run()
+                  metadata: dict[str, str] | None = None,
+                  shapes: dict[str, tuple[int, ...]] | None = None) -> Program:
+    """The integer program for a fused float model and its quantization-parameter table.
+    ``shapes`` is ``tensor_shapes(model)`` when the caller has it (one shape inference per compile)."""
+    return Lowering(model, plan, qparams, target, metadata, shapes).run()

@@ -206,7 +206,7 @@ def bias_qparams(input_scale: np.float32, w_qp: QParams, target: TargetPreset) -
 
 
 def choose_qparams(model: onnx.ModelProto, plan: LayerPlan, ranges: dict[str, TensorRange],
-                   target: TargetPreset) -> QParamTable:
+                   target: TargetPreset, shapes: dict[str, tuple[int, ...]] | None = None) -> QParamTable:
     """Fill the table for every activation tensor, weight and bias of the plan, in execution order.
 
     Per layer the preset is ``target.for_layer(name)`` (16-bit for ``layers_16bit``). After a
@@ -229,7 +229,8 @@ def choose_qparams(model: onnx.ModelProto, plan: LayerPlan, ranges: dict[str, Te
                            f"ONNX node (after BatchNorm folding and fusion): {', '.join(sorted(known)[:12])}"
                            + (", ..." if len(known) > 12 else ""))
     pools = any(g.op_type in ("AveragePool", "GlobalAveragePool") for g in plan.groups)
-    shapes = tensor_shapes(model) if pools else {}
+    if shapes is None:  # the caller may pass tensor_shapes(model), computed once per compile
+        shapes = tensor_shapes(model) if pools else {}
     for name in plan.inputs:
         table[name] = activation_qparams(ranges[name], target, f"calibration:{ranges[name].method}")
     for group in plan.groups:

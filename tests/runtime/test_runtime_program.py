@@ -211,6 +211,27 @@ def test_saves_are_byte_identical(tmp_path):
     assert (tmp_path / "d.qir").read_bytes() != a
 
 
+def test_large_arrays_are_stored_small_ones_deflated(tmp_path):
+    """Members of 64 KiB or more (weights) are stored uncompressed, the rest deflated; both load
+    back bit for bit and saving stays byte-identical."""
+    p = fork_program()
+    big = np.random.default_rng(5).integers(-128, 128, (256, 64, 3, 3)).astype(np.int8)  # 147456 bytes
+    p.layers[0].params["weight"] = big
+    runtime.save_program(p, tmp_path / "a.qir")
+    runtime.save_program(runtime.load_program(tmp_path / "a.qir"), tmp_path / "b.qir")
+    assert (tmp_path / "a.qir").read_bytes() == (tmp_path / "b.qir").read_bytes()
+    q = runtime.load_program(tmp_path / "a.qir")
+    assert q.layers[0].params["weight"].dtype == np.int8
+    assert np.array_equal(q.layers[0].params["weight"], big)
+    assert_programs_equal(p, q)
+    infos = zipfile.ZipFile(tmp_path / "a.qir").infolist()
+    stored = [i for i in infos if i.compress_type == zipfile.ZIP_STORED]
+    assert [i.file_size for i in stored] == [big.nbytes + 128]  # the .npy header is 128 bytes
+    assert all(i.compress_type == zipfile.ZIP_DEFLATED and i.file_size < 1 << 16 for i in infos if i not in stored)
+    json_info = next(i for i in infos if i.filename == "program.json")
+    assert json_info.compress_size < json_info.file_size
+
+
 def test_bad_files(tmp_path):
     (tmp_path / "text.qir").write_text("hello")
     with pytest.raises(ProgramError, match="not a .qir file"):
