@@ -24,7 +24,9 @@ on cache-sized blocks of int64, in place, right after each matmul. It is used on
 bound, |acc + b| <= max|x - zp_x| * sum_k |w[o, k] - zp_w[o]| + |b|, proves that no value leaves
 int64 (so neither the reference's overflow check nor any wrap-around can apply); everything else
 (other rounding modes, negative shifts, layers with params this module does not know) goes through
-the reference epilogue on an exact int64 accumulator.
+the reference epilogue on an exact int64 accumulator. Depthwise convs whose int32 bound holds
+statically fold m into the weights instead (w' = (w - zp_w) * m, see ``_DepthwiseFused``): the taps
+sum acc * m, and the epilogue is add c, shift, clip on each channel block while it is in cache.
 
 Layouts: 1x1 convs skip im2col; other convs build im2col per image (in row chunks bounded by
 ``IM2COL_BUDGET_BYTES``), and images with few output pixels share one matmul; depthwise convs
@@ -70,6 +72,7 @@ GIL inside its loops. Default 1 (QLOWER_THREADS=N for more): OpenBLAS's own thre
 for a while after each matmul, and measured on a loaded 2-core machine extra threads of ours only
 competed with them (BLAS threads are set by OPENBLAS_NUM_THREADS)."""
 PARALLEL_MIN_ELEMENTS = 2**17  # below this, one thread
+FUSE_DEPTHWISE = True  # depthwise convs with the multiplier folded into the taps (_DepthwiseFused)
 
 _pool: ThreadPoolExecutor | None = None
 _worker = threading.local()
@@ -317,6 +320,46 @@ class _ConvPlan:
     depthwise: bool
     epilogue: Epilogue | None
     row_l1: np.ndarray  # [O] sum_k |w[o, k] - zp_w[o]| (float64), for the static bound
+    dw_fused: _DepthwiseFused | None = None
+
+
+@dataclass
+class _DepthwiseFused:
+    """A depthwise conv with the requantization multiplier folded into the taps.
+
+    With w'[o] = (w[o] - zp_w[o]) * m[o] the taps sum acc * m directly, so the epilogue
+    y = clip((acc * m + c) >> k, lo, hi) is one add, one shift and one clip that writes the
+    output dtype: two passes and the int32 block copy fewer than ``Epilogue.apply``, on each
+    cache-sized channel block right after its taps. Used only in int32 when the epilogue's static
+    bound holds for every channel (``Epilogue.static32``): every partial tap sum is bounded by
+    max|x - zp_x| * sum_k |w[o, k] - zp_w[o]| * |m[o]| = acc_bound[o] * |m[o]| <= 2^31 - |c[o]|
+    (so adding c stays in int32 too), and integer arithmetic without overflow gives the same
+    value in any order: (sum x * w * m + c) >> k is exactly the reference's integer."""
+
+    weights: np.ndarray  # int32 [g, og, kh, kw]: (w - zp_w) * m
+    c: np.ndarray  # int32 [O, 1, 1]: b*m + 2^(k-1) + zp_y * 2^k
+    shift: np.ndarray | int  # int, or int32 [O, 1, 1]
+    lo: np.ndarray  # int32 [O, 1, 1] clamp bounds
+    hi: np.ndarray
+
+    @staticmethod
+    def build(plan: _ConvPlan) -> _DepthwiseFused | None:
+        e = plan.epilogue
+        if e is None or not plan.depthwise or plan.ct != np.int32 or not e.static32:
+            return None
+        w = plan.wmats[0][0]
+        o = w.shape[0] * w.shape[1]
+
+        def column(v):
+            return np.ascontiguousarray(np.broadcast_to(np.asarray(v, np.int64).ravel(), (o,))).reshape(o, 1, 1)
+
+        wm = w.astype(np.int64) * column(e.m).reshape(w.shape[:2] + (1, 1))
+        c = column(e.c)
+        if np.abs(wm).max(initial=0) >= 2**31 or np.abs(c).max(initial=0) >= 2**31:
+            return None  # cannot happen when static32 holds; kept as a guard
+        shift = e.shift if isinstance(e.shift, int) else column(e.shift).astype(np.int32)
+        return _DepthwiseFused(wm.astype(np.int32), c.astype(np.int32), shift,
+                               column(e.lo32).astype(np.int32), column(e.hi32).astype(np.int32))
 
 
 def _prepare_conv(w, zp_w, x_dtype, zp_x: int, force_dtype=None):
@@ -385,7 +428,7 @@ def _run_conv(x, plan: _ConvPlan, geo: dict, zp_x: int, emit, emit_dw) -> None:
         x = x[:, :, : sh * (ho - 1) + 1: sh, : sw * (wo - 1) + 1: sw]  # 1x1 strided: subsample first
         sh = sw = 1
     if plan.depthwise:
-        _run_depthwise(x, zp_x, plan, geo, (sh, sw), emit_dw)
+        _run_depthwise(x, zp_x, plan, geo, (sh, sw), emit_dw, plan.dw_fused.weights if plan.dw_fused else None)
         return
     xs = _shifted_input(x, zp_x, geo["pads"], ct)
 
@@ -433,7 +476,7 @@ def _run_conv(x, plan: _ConvPlan, geo: dict, zp_x: int, emit, emit_dw) -> None:
                 emit(parts, b0, b1, gi * og, (gi + 1) * og, r0, r1, False)
 
 
-def _run_depthwise(x: np.ndarray, zp_x: int, plan: _ConvPlan, geo: dict, strides, emit_dw) -> None:
+def _run_depthwise(x: np.ndarray, zp_x: int, plan: _ConvPlan, geo: dict, strides, emit_dw, weights=None) -> None:
     """One input channel per group: acc[g, j] = sum over taps of (x - zp_x)[g, tap] * w[g, j, tap].
 
     Every tap is made one contiguous run per channel, so that each numpy op streams long rows
@@ -442,11 +485,12 @@ def _run_depthwise(x: np.ndarray, zp_x: int, plan: _ConvPlan, geo: dict, strides
     W_out + max column offset wide; then tap (i, j) is the flat run of its plane starting at row
     i*dh // sh, column j*dw // sw, H_out * W long, and the accumulator lives on the H_out x W grid
     whose first W_out columns are the output (the rest, never emitted, read padding or the
-    next row). Channel blocks stay in cache; first tap written, the rest added."""
+    next row). Channel blocks stay in cache; first tap written, the rest added. ``weights``
+    ([g, og, kh, kw] in the compute dtype) replaces the plan's (the fused path's w * m)."""
     n, g = x.shape[:2]
     h, w = x.shape[2:]
     (pt, pl, _, _), (sh, sw), (dh, dw), (ho, wo), (kh, kw) = geo["pads"], strides, geo["dilations"], geo["out"], geo["kernel"]
-    wt = plan.wmats[0][0]  # [g, og, kh, kw]
+    wt = plan.wmats[0][0] if weights is None else weights  # [g, og, kh, kw]
     og, ct = wt.shape[1], plan.ct
     taps = [(i, j, (i * dh) % sh, (j * dw) % sw, (i * dh) // sh, (j * dw) // sw) for i in range(kh) for j in range(kw)]
     phases = sorted({(a, b) for _, _, a, b, _, _ in taps})
@@ -553,6 +597,7 @@ def conv(layer, inputs, in_infos, out_infos):
         lo, hi = clamp_bounds(layer, out_info.dtype, o)
         acc_bound = dtype_bound(x.dtype, zp_x) * plan.row_l1
         plan.epilogue = Epilogue.build(bias, m, k, lo, hi, zp_y, acc_bound, layer.rounding)
+        plan.dw_fused = _DepthwiseFused.build(plan) if FUSE_DEPTHWISE else None
         return plan
 
     plan = _cached(layer, key, params, build)
@@ -565,8 +610,16 @@ def conv(layer, inputs, in_infos, out_infos):
     def emit(parts, b0, b1, o0, o1, r0, r1, scratch):
         plan.epilogue.apply(parts, y[b0:b1, o0:o1, r0 * wo:r1 * wo].transpose(1, 0, 2), o0, scratch)
 
+    fused = plan.dw_fused
+
     def emit_dw(acc, b, o0, o1):
-        plan.epilogue.apply([acc], y.reshape(n, o, ho, wo)[b, o0:o1], o0, True)
+        if fused is None:
+            plan.epilogue.apply([acc], y.reshape(n, o, ho, wo)[b, o0:o1], o0, True)
+            return
+        np.add(acc, fused.c[o0:o1], out=acc)  # acc already holds acc * m (int32 scratch)
+        np.right_shift(acc, fused.shift if isinstance(fused.shift, int) else fused.shift[o0:o1], out=acc)
+        np.clip(acc, fused.lo[o0:o1], fused.hi[o0:o1], out=acc)
+        np.copyto(y.reshape(n, o, ho, wo)[b, o0:o1], acc[:, :, :wo], casting="unsafe")  # exact: inside [lo, hi]
 
     _run_conv(x, plan, geo, zp_x, emit, emit_dw)
     return [y.reshape(n, o, ho, wo)]

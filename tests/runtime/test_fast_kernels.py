@@ -328,3 +328,77 @@ def test_threaded_work_splits_equal_the_oracle(monkeypatch):
     outs = [info("y", "int8", shape, 1.0, 2)]
     expected = run_kernel(ref.KERNELS, lay, [a, b], ins, outs)[0]
     assert np.array_equal(run_kernel(fast.KERNELS, lay, [a, b], ins, outs)[0], expected)
+
+
+@SETTINGS
+@given(st.sampled_from(["uint8", "int8"]), st.sampled_from(["int8", "uint8"]), st.sampled_from(["int8", "uint8", "int32"]),
+       st.integers(1, 3), st.integers(1, 5), st.integers(1, 5), st.integers(1, 3), st.integers(1, 2),
+       st.booleans(), st.booleans(), st.sampled_from(["uniform", "extreme", "max"]), st.integers(0, 2**32 - 1))
+def test_depthwise_fused_multiplier_equals_oracle(xd, wd, out_dtype, og, kh, kw, stride, dil, pad, per_channel, mode, seed):
+    """8-bit depthwise convs (channel multiplier og, strides, dilations, pads, per-channel or
+    per-tensor m and k, clamps, extreme values) take the path with m folded into the taps, and
+    give the oracle's integers."""
+    rng = np.random.default_rng(seed)
+    g = int(rng.integers(1, 7))
+    x_shape = (int(rng.integers(1, 3)), g, int(rng.integers(kh, 12)), int(rng.integers(kw, 12)))
+    attrs = {"kernel_shape": [kh, kw], "group": g, "strides": [stride, stride], "dilations": [dil, dil],
+             "pads": [int(v) for v in rng.integers(0, 3, 4)] if pad else [0, 0, 0, 0]}
+    w_shape = (g * og, 1, kh, kw)
+    try:
+        geo = conv_geometry(attrs, x_shape, w_shape)
+    except ProgramError:
+        return  # empty output: nothing to compare
+    x, w = _values(rng, xd, x_shape, mode), _values(rng, wd, w_shape, mode)
+    lay = layer("conv", attrs=attrs, **_conv_params(rng, w, out_dtype, 8, per_channel, False, True))
+    _small_requant(rng, lay, per_channel)
+    ins = [info("x", xd, x_shape, 0.1, int(_zp(rng, xd, at_limit=mode == "max")[0]))]
+    outs = [info("y", out_dtype, (x_shape[0], w_shape[0]) + geo["out"], 0.2, int(_zp(rng, "int8")[0]))]
+    expected = run_kernel(ref.KERNELS, lay, [x], ins, outs)[0]
+    got = run_kernel(fast.KERNELS, lay, [x], ins, outs)[0]
+    assert got.dtype == expected.dtype and np.array_equal(got, expected)
+    plan = lay.__dict__["_fast_plan"]
+    assert plan.dw_fused is not None  # 8-bit data, m < 2^8, k <= 18, |bias| < 2^13: int32 bound holds
+
+
+def _small_requant(rng, lay, per_channel=True):
+    """m, k, bias of a typical 8-bit layer (m / 2^k in 2^-10..2^-4, 8-bit m, |bias| < 5000), so
+    that |acc| * m + |c| stays below 2^31 and the fused depthwise path applies."""
+    o = lay.params["weight"].shape[0]
+    m, k = quantize_multiplier(np.exp2(rng.uniform(-10, -4, o if per_channel else 1)), 8)
+    lay.params.update(multiplier=m, shift=k, bias=rng.integers(-5000, 5000, o).astype(np.int32))
+    lay.rounding = "half_up"
+
+
+def test_depthwise_fused_at_the_int32_bound():
+    """All inputs at 255, all weights at -128: every tap sum reaches the static bound
+    B = 255 * 9 * 128. The largest m with B * m + 2^(k-1) < 2^31 * (1 - 2^-20) (the epilogue's
+    margin) folds m into the taps; m + 1 does not and takes the int64-safe epilogue; both give
+    the oracle's integers, read out in int32 so that no clamp hides a wrong value."""
+    bound, k = 255 * 9 * 128, 20
+    m_max = int((2**31 * (1 - 2.0**-20) - 2 ** (k - 1)) // bound)
+    x = np.full((1, 4, 6, 6), 255, dtype=np.uint8)
+    w = np.full((4, 1, 3, 3), -128, dtype=np.int8)
+    for m, fused in ((m_max, True), (m_max + 1, False)):
+        lay = layer("conv", attrs={"kernel_shape": [3, 3], "group": 4}, weight=w,
+                    multiplier=np.array([m], dtype=np.int32), shift=np.array([k]))
+        lay.rounding = "half_up"
+        ins = [info("x", "uint8", x.shape, 0.1, 0)]
+        outs = [info("y", "int32", (1, 4, 4, 4), 0.2, 0)]
+        expected = run_kernel(ref.KERNELS, lay, [x], ins, outs)[0]
+        assert expected.min() == ((-bound * m + 2 ** (k - 1)) >> k)  # brute force: the extreme reached
+        got = run_kernel(fast.KERNELS, lay, [x], ins, outs)[0]
+        assert np.array_equal(got, expected)
+        assert (lay.__dict__["_fast_plan"].dw_fused is not None) is fused
+
+
+def test_depthwise_fused_in_channel_blocks(monkeypatch):
+    """Several channel blocks per image (the fused constants are sliced per block), stride 2,
+    channel multiplier 2, per-channel multipliers and shifts."""
+    rng = np.random.default_rng(31)
+    lay, x, ins, outs = _conv_layer_case(rng, (2, 24, 20, 20), (48, 1, 3, 3),
+                                         {"group": 24, "pads": [1] * 4, "strides": [2, 2]})
+    _small_requant(rng, lay)
+    expected = run_kernel(ref.KERNELS, lay, [x], ins, outs)[0]
+    monkeypatch.setattr(fast, "BLOCK_ELEMENTS", 150)
+    assert np.array_equal(run_kernel(fast.KERNELS, lay, [x], ins, outs)[0], expected)
+    assert lay.__dict__["_fast_plan"].dw_fused is not None
