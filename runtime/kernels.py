@@ -328,9 +328,9 @@ class _DepthwiseFused:
     """A depthwise conv with the requantization multiplier folded into the taps.
 
     With w'[o] = (w[o] - zp_w[o]) * m[o] the taps sum acc * m directly, so the epilogue
-    y = clip((acc * m + c) >> k, lo, hi) is one add, one shift and one clip that writes the
-    output dtype: two passes and the int32 block copy fewer than ``Epilogue.apply``, on each
-    cache-sized channel block right after its taps. Used only in int32 when the epilogue's static
+    y = clip((acc * m + c) >> k, lo, hi) is one add, one shift, one clip and the copy into the
+    output, on each cache-sized channel block right after its taps: one pass (the multiply) and
+    the per-block dispatch of ``Epilogue.apply`` fewer. Used only in int32 when the epilogue's static
     bound holds for every channel (``Epilogue.static32``): every partial tap sum is bounded by
     max|x - zp_x| * sum_k |w[o, k] - zp_w[o]| * |m[o]| = acc_bound[o] * |m[o]| <= 2^31 - |c[o]|
     (so adding c stays in int32 too), and integer arithmetic without overflow gives the same
