@@ -19,7 +19,6 @@ Other builders (``ARCHITECTURES``) may be appended below; use ``_ArchNet`` and e
 """
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import numpy as np
@@ -32,9 +31,7 @@ from tools.model_zoo import (
     _PendingBN,
     _round_sig,
     _stream,
-    calibration_samples,
-    save_model,
-    save_npz,
+    builder_main,
 )
 from tools.model_zoo import _Net as _ZooNet
 
@@ -391,22 +388,9 @@ ARCHITECTURES: dict[str, Callable[..., onnx.ModelProto]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.architectures",
-                                     description="Build a full-size ImageNet architecture (random weights).")
-    parser.add_argument("name", choices=sorted(ARCHITECTURES))
-    parser.add_argument("--out", required=True, help="the .onnx file to write")
-    parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
-    parser.add_argument("--calib", help="also write this many image-like samples to an .npz")
-    parser.add_argument("--samples", type=int, default=32, help="samples in --calib (default 32)")
-    parser.add_argument("--calib-seed", type=int, default=0, help="seed of the samples")
-    args = parser.parse_args(argv)
-    model = ARCHITECTURES[args.name](seed=args.seed)
-    save_model(model, args.out)
-    print(f"wrote {args.out} ({args.name}, seed {args.seed})")
-    if args.calib:
-        save_npz(args.calib, calibration_samples(model, args.samples, args.calib_seed))
-        print(f"wrote {args.calib} ({args.samples} samples, seed {args.calib_seed})")
-    return 0
+    return builder_main(ARCHITECTURES, argv, "python -m tools.architectures",
+                        "Build a full-size ImageNet architecture (random weights).", default_samples=32,
+                        input_size=False)
 
 
 if __name__ == "__main__":

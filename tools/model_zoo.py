@@ -363,27 +363,36 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
         f.write(model.SerializeToString(deterministic=True))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.model_zoo",
-                                     description="Build a small float ONNX model from the zoo.")
-    parser.add_argument("name", choices=sorted(MODELS))
+def builder_main(registry: dict, argv: list[str] | None, prog: str, description: str,
+                 default_samples: int, input_size: bool) -> int:
+    """The command line of a model builder: build ``registry[name]``, write it, optionally with
+    image-like calibration samples (``--calib``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("name", choices=sorted(registry))
     parser.add_argument("--out", required=True, help="the .onnx file to write")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
-    parser.add_argument("--input-size", type=int, default=None, help="input height and width")
-    parser.add_argument("--calib", help="also write this many image-like samples to an .npz")
-    parser.add_argument("--samples", type=int, default=16, help="samples in --calib (default 16)")
+    if input_size:
+        parser.add_argument("--input-size", type=int, default=None, help="input height and width")
+    parser.add_argument("--calib", help="also write --samples image-like samples to this .npz")
+    parser.add_argument("--samples", type=int, default=default_samples,
+                        help=f"samples in --calib (default {default_samples})")
     parser.add_argument("--calib-seed", type=int, default=0, help="seed of the samples")
     args = parser.parse_args(argv)
     kwargs = {"seed": args.seed}
-    if args.input_size is not None:
+    if input_size and args.input_size is not None:
         kwargs["input_size"] = args.input_size
-    model = MODELS[args.name](**kwargs)
+    model = registry[args.name](**kwargs)
     save_model(model, args.out)
     print(f"wrote {args.out} ({args.name}, seed {args.seed})")
     if args.calib:
         save_npz(args.calib, calibration_samples(model, args.samples, args.calib_seed))
         print(f"wrote {args.calib} ({args.samples} samples, seed {args.calib_seed})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return builder_main(MODELS, argv, "python -m tools.model_zoo",
+                        "Build a small float ONNX model from the zoo.", default_samples=16, input_size=True)
 
 
 if __name__ == "__main__":
