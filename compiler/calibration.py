@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from passes.graph import graph_input_names
+from passes.graph import graph_input_names, unique_name
 
 from . import range_estimators
 from .calibration_data import CalibrationSet
@@ -430,7 +430,7 @@ class _CalibrationSession:
         for t in tensors:
             names = []
             for op in ("ReduceMin", "ReduceMax", "ReduceSum"):
-                name = _fresh(f"{t}/qlower_calibration_{op}", taken)
+                name = unique_name(taken, f"{t}/qlower_calibration_{op}")
                 nodes.append(helper.make_node(op, [t], [name], name=name, keepdims=0))
                 names.append(name)
                 if t in types:
@@ -471,13 +471,6 @@ class _CalibrationSession:
         return self._fallback.run([name], feeds)[0]
 
 
-def _fresh(name: str, taken: set[str]) -> str:
-    candidate, k = name, 0
-    while candidate in taken:
-        k += 1
-        candidate = f"{name}_{k}"
-    taken.add(candidate)
-    return candidate
 
 
 def _element_types(model: onnx.ModelProto) -> dict[str, int]:

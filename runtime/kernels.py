@@ -574,6 +574,18 @@ def _ids_key(arrays: tuple) -> tuple:
     return tuple((id(a), getattr(a, "shape", None), str(getattr(a, "dtype", ""))) for a in arrays)
 
 
+
+def _weighted_epilogue(layer, plan, w, zp_w, x_dtype, zp_x: int, in_info, out_info):
+    """The fused requantization of a conv/gemm layer: bias (+ the folded input-zero-point term),
+    per-channel m and k, clamp bounds and the accumulator bound |x - zp_x| * sum|w - zp_w| that
+    decides whether it may run in int32."""
+    o = w.shape[0]
+    bias = ref._bias(layer, o) + ref._folded_zero_point_term(layer, w, zp_w, in_info)
+    m, k = requant_params(layer, o)
+    lo, hi = clamp_bounds(layer, out_info.dtype, o)
+    acc_bound = dtype_bound(x_dtype, zp_x) * plan.row_l1
+    return Epilogue.build(bias, m, k, lo, hi, tensor_zero_point(out_info), acc_bound, layer.rounding)
+
 def conv(layer, inputs, in_infos, out_infos):
     """y = clamp(zp_y + requant(acc + bias, m[o], k[o]), lo[o], hi[o]) (the reference rule), with
     the fused epilogue applied block by block right after each matmul."""
@@ -591,12 +603,7 @@ def conv(layer, inputs, in_infos, out_infos):
 
     def build():
         plan = _conv_plan(w, zp_w, x.dtype, zp_x, layer.attrs)
-        o = w.shape[0]
-        bias = ref._bias(layer, o) + ref._folded_zero_point_term(layer, w, zp_w, in_infos[0])
-        m, k = requant_params(layer, o)
-        lo, hi = clamp_bounds(layer, out_info.dtype, o)
-        acc_bound = dtype_bound(x.dtype, zp_x) * plan.row_l1
-        plan.epilogue = Epilogue.build(bias, m, k, lo, hi, zp_y, acc_bound, layer.rounding)
+        plan.epilogue = _weighted_epilogue(layer, plan, w, zp_w, x.dtype, zp_x, in_infos[0], out_info)
         plan.dw_fused = _DepthwiseFused.build(plan) if FUSE_DEPTHWISE else None
         return plan
 
@@ -701,12 +708,7 @@ def gemm(layer, inputs, in_infos, out_infos):
 
     def build():
         plan = _gemm_plan(w, zp_w, x.dtype, zp_x)
-        o = w.shape[0]
-        bias = ref._bias(layer, o) + ref._folded_zero_point_term(layer, w, zp_w, in_infos[0])
-        m, k = requant_params(layer, o)
-        lo, hi = clamp_bounds(layer, out_info.dtype, o)
-        acc_bound = dtype_bound(x.dtype, zp_x) * plan.row_l1
-        plan.epilogue = Epilogue.build(bias, m, k, lo, hi, zp_y, acc_bound, layer.rounding)
+        plan.epilogue = _weighted_epilogue(layer, plan, w, zp_w, x.dtype, zp_x, in_infos[0], out_info)
         return plan
 
     plan = _cached(layer, key, params, build)
