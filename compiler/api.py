@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from passes.base import PassRecord, PassResult
+from passes.base import PassResult
 from passes.constant_folding import FoldConstants
 from passes.equalization import ClipWeightOutliers, EqualizeLayers
 from passes.errors import PassError
@@ -243,12 +243,10 @@ def compile_model(model_or_path, target: str = "mmav2", calibration=None, *, bit
     except PassError as exc:
         raise _in_file(source_name, exc) from None
     qdq_model = qdq_result.model
+    index = report.pass_records[-1].index + 1 if report.pass_records else 1
+    report.pass_records.append(record_step(instruments, index, 1, InsertQDQ.name, len(model.graph.node),
+                                           qdq_result, time.perf_counter() - clock))
     for inst in instruments:
-        record = PassRecord(report.pass_records[-1].index + 1 if report.pass_records else 1, 1, InsertQDQ.name,
-                            len(model.graph.node),
-                            len(qdq_model.graph.node), True, qdq_result.changes, time.perf_counter() - clock)
-        report.pass_records.append(record)
-        inst.after_pass(record, qdq_model)
         inst.finish(report.pass_records)
     report.stage("qdq", clock)
 
