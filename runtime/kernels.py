@@ -41,9 +41,14 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+try:  # the clip ufunc itself: np.clip's Python wrapper costs more than the loop on a cache block
+    from numpy._core.umath import clip as clip_ufunc
+except ImportError:  # numpy 1.x
+    from numpy.core.umath import clip as clip_ufunc
 
 from . import kernels_reference as ref
 from .fixed_point import dtype_limits, requantize
@@ -64,6 +69,7 @@ EXACT_FLOAT64 = 2**53
 IM2COL_BUDGET_BYTES = 64 * 2**20  # im2col of one image is built in output-row chunks of at most this
 BLOCK_ELEMENTS = 2**15  # int64 elements per epilogue block (256 KiB: stays in L2)
 MIN_FLOAT32_CHUNK = 64  # shorter reduction chunks than this: float64 in one piece instead
+PITCHED_IM2COL_WASTE = 16  # im2col keeps whole tap runs when the dropped columns are <= 1/16 of W_out
 STACK_COLUMNS = 512  # convs with fewer output pixels per image stack images into one matmul
 SAFE_INT64 = 2.0**61  # static bound under which the fused epilogue cannot leave int64 (float64 margin)
 THREADS = max(1, int(os.environ.get("QLOWER_THREADS", "1")))
@@ -183,10 +189,13 @@ def reduction_plan(abs_w: np.ndarray, x_bound: int, force_dtype=None) -> tuple[n
 class Epilogue:
     """Per-channel constants of y = clip((acc * m + c) >> k, lo, hi), c = b*m + 2^(k-1) + zp_y*2^k.
 
-    Arrays are int64, shape [1] or [O]; ``shift`` is a Python int when k is per tensor. The
-    work is done in int32 where |acc| * |m| + |c| < 2^31 is certain (``limit32``: the largest
-    |acc| for which it holds, per channel; proved statically for the whole layer, or checked on
-    each block's max |acc|), else in int64."""
+    Arrays are int64, shape [1] or [O]; ``shift`` is a Python int when k is one value for the
+    layer. Per-channel shifts are made one where that costs nothing: with K = max k and
+    d = K - k[o], m'[o] = m[o] * 2^d and c'[o] = c[o] * 2^d give the same integers,
+    (t * 2^d) >> (k + d) = t >> k, and a scalar shift is a cheaper numpy op than a broadcast one.
+    The work is done in int32 where |acc| * |m| + |c| < 2^31 is certain (``limit32``: the
+    largest |acc| for which it holds, per channel; proved statically for the whole layer, or
+    checked on each block's max |acc|), else in int64."""
 
     m: np.ndarray
     c: np.ndarray
@@ -197,19 +206,12 @@ class Epilogue:
     hi32: np.ndarray
     limit32: np.ndarray  # float64 [O]: max |acc| with which int32 cannot overflow
     static32: bool  # the static |acc| bound is within limit32 for every channel
+    typed: dict = field(default_factory=dict, repr=False)  # (work dtype, ndim) -> constants
 
     @staticmethod
-    def build(bias, m, k, lo, hi, zp_y: int, acc_bound: np.ndarray, rounding) -> Epilogue | None:
-        """The fused constants, or None when the fused form is not provably identical to the
-        reference (other rounding, k < 0, or a value that could leave int64)."""
-        if rounding not in (None, "half_up"):
-            return None
-        m = np.asarray(m, dtype=np.int64)
-        k = np.asarray(k, dtype=np.int64)
-        if np.any(k < 0) or np.any(k > 62):
-            return None
-        bias = np.asarray(bias, dtype=np.int64)
-        acc_bound = np.asarray(acc_bound, dtype=np.float64)
+    def _variant(bias, m, k, zp_y: int, acc_bound):
+        """(c, limit32, static32) for multipliers m and shifts k, or None when a value could
+        leave int64."""
         half = np.where(k > 0, np.left_shift(np.int64(1), np.maximum(k - 1, 0)), 0)
         worst = ((acc_bound + np.abs(bias).astype(np.float64)) * np.abs(m).astype(np.float64)
                  + half.astype(np.float64) + abs(int(zp_y)) * np.exp2(k.astype(np.float64)))
@@ -225,25 +227,51 @@ class Epilogue:
         kk = np.broadcast_to(k, c.shape)
         limit32 = np.where((room > 0) & (kk <= 30), limit32, -1.0)
         static32 = bool(np.all(np.broadcast_to(acc_bound, limit32.shape) <= limit32))
-        shift = int(k[0]) if np.all(k == k.flat[0]) else k
+        return c, limit32, static32
+
+    @staticmethod
+    def build(bias, m, k, lo, hi, zp_y: int, acc_bound: np.ndarray, rounding) -> Epilogue | None:
+        """The fused constants, or None when the fused form is not provably identical to the
+        reference (other rounding, k < 0, or a value that could leave int64)."""
+        if rounding not in (None, "half_up"):
+            return None
+        m = np.asarray(m, dtype=np.int64)
+        k = np.asarray(k, dtype=np.int64)
+        if np.any(k < 0) or np.any(k > 62):
+            return None
+        bias = np.asarray(bias, dtype=np.int64)
+        acc_bound = np.asarray(acc_bound, dtype=np.float64)
+        chosen = Epilogue._variant(bias, m, k, zp_y, acc_bound)
+        if chosen is None:
+            return None
+        if k.size > 1 and np.any(k != k.flat[0]):  # one shift for all channels, unless it costs int32
+            top = int(k.max())
+            m_one = m * np.left_shift(np.int64(1), top - k)
+            one = Epilogue._variant(bias, m_one, np.full_like(k, top), zp_y, acc_bound)
+            if one is not None and (one[2] or not chosen[2]) and np.abs(m_one).max() < 2**31:
+                m, k, chosen = m_one, np.full_like(k, top), one
+        c, limit32, static32 = chosen
+        shift = int(k.flat[0]) if np.all(k == k.flat[0]) else k
         lo, hi = np.asarray(lo, np.int64), np.asarray(hi, np.int64)
         lo32, hi32 = np.clip(lo, -(2**31), 2**31 - 1), np.clip(hi, -(2**31), 2**31 - 1)
         return Epilogue(m, c, shift, lo, hi, lo32, hi32, limit32, static32)
 
-    def _consts(self, o0: int, rows: int, ndim: int, wt: np.dtype) -> tuple:
-        """(m, c, k, lo, hi) for channels o0..o0+rows in the work dtype, shaped to broadcast
-        along axis 0 of an ndim-block (a scalar where the value is per tensor)."""
-        shape = (-1,) + (1,) * (ndim - 1)
-        lo, hi = (self.lo32, self.hi32) if wt == np.int32 else (self.lo, self.hi)
-        out = []
-        for v in (self.m, self.c, self.shift, lo, hi):
-            if isinstance(v, int):
-                out.append(v)
-            elif v.size == 1:
-                out.append(wt.type(v.reshape(())))
-            else:
-                out.append(v[o0:o0 + rows].astype(wt).reshape(shape))
-        return tuple(out)
+    def _consts(self, ndim: int, wt: np.dtype) -> tuple:
+        """(m, c, k, lo, hi) in the work dtype: a numpy scalar where the value is one for the
+        layer, else a column shaped to broadcast along axis 0 of an ndim-block (built once)."""
+        key = (wt, ndim)
+        if key not in self.typed:
+            shape = (-1,) + (1,) * (ndim - 1)
+            lo, hi = (self.lo32, self.hi32) if wt == np.int32 else (self.lo, self.hi)
+            out = []
+            for v in (self.m, self.c, self.shift, lo, hi):
+                v = np.asarray(v)
+                if v.size == 1 or np.all(v == v.flat[0]):
+                    out.append(wt.type(v.flat[0]))
+                else:
+                    out.append(np.ascontiguousarray(v.astype(wt).reshape(shape)))
+            self.typed[key] = tuple(out)
+        return self.typed[key]
 
     def _fits32(self, parts: list[np.ndarray], o0: int, o1: int) -> bool:
         if self.static32:
@@ -274,14 +302,13 @@ class Epilogue:
         """apply() on rows first..last, in blocks of ``step`` rows."""
         ndim = parts[0].ndim
         per_row = max(1, int(np.prod(parts[0].shape[1:], dtype=np.int64)))
-        bufs, consts = {}, {}
+        narrow = parts[0].shape[-1] != dest.shape[-1]  # parts wider than dest: extra columns dropped
+        bufs = {}
         for r0 in range(first, last, step):
             r1 = min(last, r0 + step)
             block = [p[r0:r1] for p in parts]
             wt = np.dtype(np.int32) if self._fits32(block, o0 + r0, o0 + r1) else np.dtype(np.int64)
-            if wt not in consts:
-                consts[wt] = self._consts(o0 + first, last - first, ndim, wt)
-            m, c, k, lo, hi = (v if np.ndim(v) == 0 else v[r0 - first:r1 - first] for v in consts[wt])
+            m, c, k, lo, hi = (v if v.ndim == 0 else v[o0 + r0:o0 + r1] for v in self._consts(ndim, wt))
             if scratch and len(block) == 1 and block[0].dtype == wt:
                 t = block[0]
             else:
@@ -289,15 +316,16 @@ class Epilogue:
                     bufs[wt] = np.empty(min(last - first, step) * per_row, dtype=wt)
                 t = bufs[wt][: (r1 - r0) * per_row].reshape(block[0].shape)
                 np.copyto(t, block[0], casting="unsafe")
-                for p in block[1:]:
-                    np.add(t, p, out=t, casting="unsafe")  # float64 loop: exact below 2^53
+                if len(block) > 1:
+                    u = np.empty_like(t)
+                    for p in block[1:]:  # each part is an exact integer inside the work dtype
+                        np.copyto(u, p, casting="unsafe")
+                        np.add(t, u, out=t)
             np.multiply(t, m, out=t)
             np.add(t, c, out=t)
             np.right_shift(t, k, out=t)
-            np.clip(t, lo, hi, out=t)
-            if t.shape[-1] != dest.shape[-1]:  # parts wider than dest: the extra columns are dropped
-                t = t[..., : dest.shape[-1]]
-            np.copyto(dest[r0:r1], t, casting="unsafe")
+            clip_ufunc(t, lo, hi, out=t)
+            np.copyto(dest[r0:r1], t[..., : dest.shape[-1]] if narrow else t, casting="unsafe")
 
 
 def _known_layer(layer, attrs: set[str], params: set[str]) -> bool:
@@ -338,9 +366,9 @@ class _DepthwiseFused:
 
     weights: np.ndarray  # int32 [g, og, kh, kw]: (w - zp_w) * m
     c: np.ndarray  # int32 [O, 1, 1]: b*m + 2^(k-1) + zp_y * 2^k
-    shift: np.ndarray | int  # int, or int32 [O, 1, 1]
-    lo: np.ndarray  # int32 [O, 1, 1] clamp bounds
-    hi: np.ndarray
+    shift: np.ndarray | np.int32  # a scalar, or int32 [O, 1, 1]
+    lo: np.ndarray | np.int32  # clamp bounds: scalars, or int32 [O, 1, 1]
+    hi: np.ndarray | np.int32
 
     @staticmethod
     def build(plan: _ConvPlan) -> _DepthwiseFused | None:
@@ -353,13 +381,27 @@ class _DepthwiseFused:
         def column(v):
             return np.ascontiguousarray(np.broadcast_to(np.asarray(v, np.int64).ravel(), (o,))).reshape(o, 1, 1)
 
+        def scalar_or_column(v):
+            v = np.asarray(v, np.int64).ravel()
+            return np.int32(v[0]) if np.all(v == v[0]) else column(v).astype(np.int32)
+
         wm = w.astype(np.int64) * column(e.m).reshape(w.shape[:2] + (1, 1))
         c = column(e.c)
         if np.abs(wm).max(initial=0) >= 2**31 or np.abs(c).max(initial=0) >= 2**31:
             return None  # cannot happen when static32 holds; kept as a guard
-        shift = e.shift if isinstance(e.shift, int) else column(e.shift).astype(np.int32)
-        return _DepthwiseFused(wm.astype(np.int32), c.astype(np.int32), shift,
-                               column(e.lo32).astype(np.int32), column(e.hi32).astype(np.int32))
+        return _DepthwiseFused(wm.astype(np.int32), c.astype(np.int32), scalar_or_column(e.shift),
+                               scalar_or_column(e.lo32), scalar_or_column(e.hi32))
+
+    def finish(self, acc: np.ndarray, dest: np.ndarray, o0: int, o1: int) -> None:
+        """dest = clip((acc + c) >> k, lo, hi) for channels o0..o1; acc (int32 scratch, holding
+        acc * m) may be wider than dest on the last axis (the extra columns are dropped)."""
+        def rows(v):
+            return v if v.ndim == 0 else v[o0:o1]
+
+        np.add(acc, self.c[o0:o1], out=acc)
+        np.right_shift(acc, rows(self.shift), out=acc)
+        clip_ufunc(acc, rows(self.lo), rows(self.hi), out=acc)
+        np.copyto(dest, acc[:, :, : dest.shape[-1]], casting="unsafe")  # exact: inside [lo, hi]
 
 
 def _prepare_conv(w, zp_w, x_dtype, zp_x: int, force_dtype=None):
@@ -393,36 +435,17 @@ def _conv_plan(w, zp_w, x_dtype, zp_x: int, attrs: dict, force_dtype=None) -> _C
     return _ConvPlan((), (), ct, chunks, wmats, cg == 1, None, abs_w.sum(axis=1).astype(np.float64))
 
 
-def _shifted_input(x: np.ndarray, zp_x: int, pads, ct: np.dtype) -> np.ndarray:
-    """x - zp_x in the compute dtype, padded with 0 (x padded with zp_x, minus zp_x)."""
-    pt, pl, pb, pr = pads
-    n, c, h, w = x.shape
-    if not (pt or pl or pb or pr):
-        xs = np.empty((n, c, h, w), dtype=ct)
-        np.subtract(x, zp_x, out=xs, dtype=ct, casting="unsafe")
-        return xs
-    xs = np.zeros((n, c, h + pt + pb, w + pl + pr), dtype=ct)
-    np.subtract(x, zp_x, out=xs[:, :, pt:pt + h, pl:pl + w], dtype=ct, casting="unsafe")
-    return xs
-
-
 def _run_conv(x, plan: _ConvPlan, geo: dict, zp_x: int, emit, emit_dw) -> None:
     """Drive the conv: ``emit(parts, b0, b1, o0, o1, r0, r1, scratch)`` receives exact
-    accumulators of shape [o1 - o0, b1 - b0, (r1 - r0) * W_out] for images b0..b1, channels
-    o0..o1 and output rows r0..r1 (parts sum to the accumulator; ``scratch``: they may be
-    overwritten); depthwise convs call ``emit_dw(acc, b, o0, o1)`` with acc [o1 - o0, H_out,
-    W_out] (a scratch view)."""
+    accumulators of shape [o1 - o0, b1 - b0, r1 - r0, W] (W >= W_out: the columns past W_out are
+    not part of the output) for images b0..b1, channels o0..o1 and output rows r0..r1 (parts sum
+    to the accumulator; ``scratch``: they may be overwritten); depthwise convs call
+    ``emit_dw(acc, b, o0, o1)`` with acc [o1 - o0, H_out, W] (a scratch view)."""
     n, c = x.shape[:2]
     g = geo["group"]
-    (sh, sw), (dh, dw), (ho, wo), (kh, kw) = geo["strides"], geo["dilations"], geo["out"], geo["kernel"]
+    (sh, sw), (ho, wo), (kh, kw) = geo["strides"], geo["out"], geo["kernel"]
     ct = plan.ct
     cg = c // g
-
-    def rows(i, r0, r1):
-        return slice(i * dh + r0 * sh, i * dh + (r1 - 1) * sh + 1, sh)
-
-    def cols(j):
-        return slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
 
     if kh == kw == 1 and not any(geo["pads"]) and (sh, sw) != (1, 1):
         x = x[:, :, : sh * (ho - 1) + 1: sh, : sw * (wo - 1) + 1: sw]  # 1x1 strided: subsample first
@@ -430,27 +453,35 @@ def _run_conv(x, plan: _ConvPlan, geo: dict, zp_x: int, emit, emit_dw) -> None:
     if plan.depthwise:
         _run_depthwise(x, zp_x, plan, geo, (sh, sw), emit_dw, plan.dw_fused.weights if plan.dw_fused else None)
         return
-    xs = _shifted_input(x, zp_x, geo["pads"], ct)
 
     og = plan.wmats[0][0].shape[0] if plan.wmats[0] else 0
     k_total = cg * kh * kw
-    pointwise = kh == kw == 1 and (sh, sw) == (1, 1) and xs.shape[2:] == (ho, wo)
-    if pointwise:  # images with few pixels are stacked side by side into one matmul
+    if kh == kw == 1 and (sh, sw) == (1, 1) and not any(geo["pads"]) and x.shape[2:] == (ho, wo):
+        xs = np.empty(x.shape, dtype=ct)  # pointwise: x - zp_x is the matmul operand as it is
+        if zp_x == 0:
+            np.copyto(xs, x, casting="unsafe")  # a plain conversion is the cheaper loop
+        else:
+            np.subtract(x, zp_x, out=xs, dtype=ct, casting="unsafe")
         stack = 1 if ho * wo >= STACK_COLUMNS else min(n, -(-STACK_COLUMNS // (ho * wo)))
-        for b0 in range(0, n, stack):
+        for b0 in range(0, n, stack):  # images with few pixels are stacked side by side
             b1 = min(n, b0 + stack)
             for gi in range(g):
                 xg = xs[b0:b1, gi * cg:(gi + 1) * cg].reshape(b1 - b0, cg, ho * wo)
                 if b1 - b0 > 1:
                     xg = np.ascontiguousarray(xg.transpose(1, 0, 2))
                 xg = xg.reshape(cg, (b1 - b0) * ho * wo)
-                parts = [np.matmul(wm, xg[a:bb]).reshape(og, b1 - b0, ho * wo)
+                parts = [np.matmul(wm, xg[a:bb]).reshape(og, b1 - b0, ho, wo)
                          for wm, (a, bb) in zip(plan.wmats[gi], plan.chunks)]
                 emit(parts, b0, b1, gi * og, (gi + 1) * og, 0, ho, False)
         return
 
-    # im2col: [K, images, rows * W_out], in output-row chunks; small images share one matmul
-    per_row = k_total * wo * ct.itemsize
+    # im2col from tap runs (_tap_runs): [K, images, rows, cols], in output-row chunks; images with
+    # few pixels share one matmul. Wide outputs keep every run whole (cols = width: contiguous
+    # copies; the columns past W_out are computed and dropped), narrow ones copy W_out columns
+    # per row (cols = W_out), where the padding columns would cost more matmul than they save
+    flat, runs, width = _tap_runs(x, zp_x, geo, (sh, sw), ct)
+    cols = width if (width - wo) * PITCHED_IM2COL_WASTE <= wo else wo
+    per_row = k_total * cols * ct.itemsize
     row_step = max(1, min(ho, IM2COL_BUDGET_BYTES // max(per_row, 1)))
     stack = 1
     if row_step >= ho and ho * wo < STACK_COLUMNS:
@@ -461,51 +492,68 @@ def _run_conv(x, plan: _ConvPlan, geo: dict, zp_x: int, emit, emit_dw) -> None:
         for r0 in range(0, ho, row_step):
             r1 = min(ho, r0 + row_step)
             for gi in range(g):
-                im = np.empty((cg, kh, kw, nb, r1 - r0, wo), dtype=ct)
-                xg = xs[b0:b1, gi * cg:(gi + 1) * cg].transpose(1, 0, 2, 3)
+                im = np.empty((cg, len(runs), nb, r1 - r0, cols), dtype=ct)
 
-                def fill(c0, c1, im=im, xg=xg, r0=r0, r1=r1):
-                    for i in range(kh):
-                        for j in range(kw):
-                            im[c0:c1, i, j] = xg[c0:c1, :, rows(i, r0, r1), cols(j)]
+                def fill(c0, c1, im=im, gi=gi, r0=r0, r1=r1, b0=b0, b1=b1):
+                    src = flat[b0:b1, gi * cg + c0:gi * cg + c1].transpose(1, 0, 2, 3)  # [c, images, phase, run]
+                    for t, (p, start) in enumerate(runs):
+                        s0 = start + r0 * width
+                        run = src[:, :, p, s0:s0 + (r1 - r0) * width]
+                        im[c0:c1, t] = run.reshape(c1 - c0, b1 - b0, r1 - r0, width)[..., :cols]
 
                 parallel_for(fill, cg, im.size)
-                mat = im.reshape(k_total, nb * (r1 - r0) * wo)
-                parts = [np.matmul(wm, mat[a:bb]).reshape(og, nb, (r1 - r0) * wo)
+                mat = im.reshape(k_total, nb * (r1 - r0) * cols)
+                parts = [np.matmul(wm, mat[a:bb]).reshape(og, nb, r1 - r0, cols)
                          for wm, (a, bb) in zip(plan.wmats[gi], plan.chunks)]
                 emit(parts, b0, b1, gi * og, (gi + 1) * og, r0, r1, False)
 
 
-def _run_depthwise(x: np.ndarray, zp_x: int, plan: _ConvPlan, geo: dict, strides, emit_dw, weights=None) -> None:
-    """One input channel per group: acc[g, j] = sum over taps of (x - zp_x)[g, tap] * w[g, j, tap].
+def _tap_runs(x: np.ndarray, zp_x: int, geo: dict, strides, ct: np.dtype):
+    """Every kernel tap as one contiguous run per channel, so that copies and multiply-adds stream
+    long rows instead of W_out-long pieces.
 
-    Every tap is made one contiguous run per channel, so that each numpy op streams long rows
-    instead of W_out-long pieces: the padded input is split into its stride phases ("planes",
-    plane (a, b)[y, q] = xpad[y*sh + a, q*sw + b]; one plane when the stride is 1), each plane
-    W_out + max column offset wide; then tap (i, j) is the flat run of its plane starting at row
-    i*dh // sh, column j*dw // sw, H_out * W long, and the accumulator lives on the H_out x W grid
-    whose first W_out columns are the output (the rest, never emitted, read padding or the
-    next row). Channel blocks stay in cache; first tap written, the rest added. ``weights``
-    ([g, og, kh, kw] in the compute dtype) replaces the plan's (the fused path's w * m)."""
-    n, g = x.shape[:2]
-    h, w = x.shape[2:]
+    The padded input minus zp_x is split into its stride phases ("planes", plane (a, b)[y, q] =
+    xpad[y*sh + a, q*sw + b]; one plane when the stride is 1), each plane W_out + max column offset
+    wide ("width"). Tap (i, j) is then the flat run of its plane starting at row i*dh // sh, column
+    j*dw // sw: output row r, column q of the tap is run element r*width + q (q < W_out; the
+    columns past W_out read padding or the next row and are dropped by the caller). Returns
+    (planes flattened to [N, C, phases, height * width], [(phase, run start)] for the taps in
+    (i, j) order, width)."""
+    n, c, h, w = x.shape
     (pt, pl, _, _), (sh, sw), (dh, dw), (ho, wo), (kh, kw) = geo["pads"], strides, geo["dilations"], geo["out"], geo["kernel"]
-    wt = plan.wmats[0][0] if weights is None else weights  # [g, og, kh, kw]
-    og, ct = wt.shape[1], plan.ct
-    taps = [(i, j, (i * dh) % sh, (j * dw) % sw, (i * dh) // sh, (j * dw) // sw) for i in range(kh) for j in range(kw)]
-    phases = sorted({(a, b) for _, _, a, b, _, _ in taps})
-    width = wo + max(t[5] for t in taps)
-    height = ho + max(t[4] for t in taps) + 1  # + 1: the last row's extra columns run past it
-    planes = np.zeros((n, g, len(phases), height, width), dtype=ct)
+    taps = [((i * dh) % sh, (j * dw) % sw, (i * dh) // sh, (j * dw) // sw) for i in range(kh) for j in range(kw)]
+    phases = sorted({(a, b) for a, b, _, _ in taps})
+    width = wo + max(t[3] for t in taps)
+    height = ho + max(t[2] for t in taps) + 1  # + 1: the last row's extra columns run past it
+    planes = np.zeros((n, c, len(phases), height, width), dtype=ct)
     for p, (a, b) in enumerate(phases):  # plane row y holds input row y*sh + a - pt (if inside)
         y0, x0 = max(0, -(-(pt - a) // sh)), max(0, -(-(pl - b) // sw))
         y1 = min(height, (h - 1 + pt - a) // sh + 1)
         x1 = min(width, (w - 1 + pl - b) // sw + 1)
         if y1 > y0 and x1 > x0:
             src = x[:, :, y0 * sh + a - pt: (y1 - 1) * sh + a - pt + 1: sh, x0 * sw + b - pl: (x1 - 1) * sw + b - pl + 1: sw]
-            np.subtract(src, zp_x, out=planes[:, :, p, y0:y1, x0:x1], dtype=ct, casting="unsafe")
-    flat = planes.reshape(n, g, len(phases), height * width)
-    runs = [(i, j, phases.index((a, b)), oi * width + oj) for i, j, a, b, oi, oj in taps]
+            inner = planes[:, :, p, y0:y1, x0:x1]
+            if zp_x == 0:
+                np.copyto(inner, src, casting="unsafe")
+            else:
+                np.subtract(src, zp_x, out=inner, dtype=ct, casting="unsafe")
+    flat = planes.reshape(n, c, len(phases), height * width)
+    return flat, [(phases.index((a, b)), oi * width + oj) for a, b, oi, oj in taps], width
+
+
+def _run_depthwise(x: np.ndarray, zp_x: int, plan: _ConvPlan, geo: dict, strides, emit_dw, weights=None) -> None:
+    """One input channel per group: acc[g, j] = sum over taps of (x - zp_x)[g, tap] * w[g, j, tap].
+
+    Each tap is a contiguous run (``_tap_runs``), so the accumulator lives on the H_out x width
+    grid whose first W_out columns are the output (the rest, never emitted, read padding or the
+    next row). Channel blocks stay in cache; first tap written, the rest added. ``weights``
+    ([g, og, kh, kw] in the compute dtype) replaces the plan's (the fused path's w * m)."""
+    n, g = x.shape[:2]
+    (ho, wo), (kh, kw) = geo["out"], geo["kernel"]
+    wt = plan.wmats[0][0] if weights is None else weights  # [g, og, kh, kw]
+    og, ct = wt.shape[1], plan.ct
+    flat, tap_runs, width = _tap_runs(x, zp_x, geo, strides, ct)
+    runs = [(t // kw, t % kw, p, start) for t, (p, start) in enumerate(tap_runs)]
     span = ho * width
     gb = max(1, min(g, BLOCK_ELEMENTS // max(1, og * span)))
     blocks = -(-g // gb)
@@ -544,10 +592,10 @@ def conv_accumulate(x, w, zp_x, zp_w, attrs: dict, *, force_dtype=None) -> np.nd
     out = np.empty((n, o, ho * wo), dtype=np.int64)
 
     def emit(parts, b0, b1, o0, o1, r0, r1, scratch):
-        dest = out[b0:b1, o0:o1, r0 * wo:r1 * wo].transpose(1, 0, 2)
-        np.copyto(dest, parts[0], casting="unsafe")
+        dest = out.reshape(n, o, ho, wo)[b0:b1, o0:o1, r0:r1].transpose(1, 0, 2, 3)
+        np.copyto(dest, parts[0][..., :wo], casting="unsafe")
         for p in parts[1:]:
-            np.add(dest, p, out=dest, casting="unsafe")
+            np.add(dest, p[..., :wo], out=dest, casting="unsafe")
 
     def emit_dw(acc, b, o0, o1):
         np.copyto(out.reshape(n, o, ho, wo)[b, o0:o1], acc[:, :, :wo], casting="unsafe")
@@ -615,18 +663,15 @@ def conv(layer, inputs, in_infos, out_infos):
     y = np.empty((n, o, ho * wo), dtype=out_info.dtype)
 
     def emit(parts, b0, b1, o0, o1, r0, r1, scratch):
-        plan.epilogue.apply(parts, y[b0:b1, o0:o1, r0 * wo:r1 * wo].transpose(1, 0, 2), o0, scratch)
+        plan.epilogue.apply(parts, y.reshape(n, o, ho, wo)[b0:b1, o0:o1, r0:r1].transpose(1, 0, 2, 3), o0, scratch)
 
     fused = plan.dw_fused
 
     def emit_dw(acc, b, o0, o1):
         if fused is None:
             plan.epilogue.apply([acc], y.reshape(n, o, ho, wo)[b, o0:o1], o0, True)
-            return
-        np.add(acc, fused.c[o0:o1], out=acc)  # acc already holds acc * m (int32 scratch)
-        np.right_shift(acc, fused.shift if isinstance(fused.shift, int) else fused.shift[o0:o1], out=acc)
-        np.clip(acc, fused.lo[o0:o1], fused.hi[o0:o1], out=acc)
-        np.copyto(y.reshape(n, o, ho, wo)[b, o0:o1], acc[:, :, :wo], casting="unsafe")  # exact: inside [lo, hi]
+        else:
+            fused.finish(acc, y.reshape(n, o, ho, wo)[b, o0:o1], o0, o1)
 
     _run_conv(x, plan, geo, zp_x, emit, emit_dw)
     return [y.reshape(n, o, ho, wo)]
@@ -753,11 +798,12 @@ def add(layer, inputs, in_infos, out_infos):
     lo0, hi0 = int(lo[0]), int(hi[0])
     if wt == np.int32:
         lo0, hi0 = max(lo0, -(2**31)), min(hi0, 2**31 - 1)
+    lo0, hi0 = wt.type(lo0), wt.type(hi0)
     fa, fb = a.reshape(-1), b.reshape(-1)
     y = np.empty(a.shape, dtype=dtype)
     fy = y.reshape(-1)
     step = BLOCK_ELEMENTS
-    ma, mb, cc = wt.type(m[0]), wt.type(m[1]), wt.type(c)
+    ma, mb, cc, kk = wt.type(m[0]), wt.type(m[1]), wt.type(c), wt.type(k)
 
     def run(first: int, last: int) -> None:  # element blocks first..last
         t = np.empty(min(step, fa.size), dtype=wt)
@@ -769,8 +815,8 @@ def add(layer, inputs, in_infos, out_infos):
             np.multiply(fb[s:e], mb, out=uu, dtype=wt)
             np.add(tt, uu, out=tt)
             np.add(tt, cc, out=tt)
-            np.right_shift(tt, k, out=tt)
-            np.clip(tt, lo0, hi0, out=tt)
+            np.right_shift(tt, kk, out=tt)
+            clip_ufunc(tt, lo0, hi0, out=tt)
             np.copyto(fy[s:e], tt, casting="unsafe")
 
     parallel_for(run, -(-fa.size // step), fa.size)
