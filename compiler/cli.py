@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--output", required=True, help=".npz to write, keyed by output name")
     r.add_argument("--raw", action="store_true", help="write raw integers instead of dequantized floats")
     r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--low-memory", action="store_true",
+                   help="keep no float32 copies of conv/gemm weights between batches (less memory, a little slower)")
 
     i = sub.add_parser("inspect", help="print the layers of a .qir or the nodes of an .onnx")
     i.add_argument("file")
@@ -181,7 +183,7 @@ def _cmd_run(args) -> int:
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in program.outputs}
     for start in range(0, n, max(1, args.batch_size)):
         feeds = {k: np.ascontiguousarray(data[k][start:start + args.batch_size]) for k in program.inputs}
-        for name, value in program.run(feeds, raw=args.raw).items():
+        for name, value in program.run(feeds, raw=args.raw, keep_float_weights=not args.low_memory).items():
             outputs[name].append(value)
     stacked = {k: np.concatenate(v) for k, v in outputs.items()}
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".npz.tmp")

@@ -130,10 +130,24 @@ def execute(
     trace: bool = False,
     kernels: str = "fast",
     stats: dict | None = None,
+    keep_float_weights: bool = True,
 ):
     """Run the program. Returns {output name: array}; with trace=True, (outputs, trace) where
     trace maps every layer output to its integer array. ``stats``, if given, is filled with
-    peak_live_tensors, peak_live_bytes and layer_seconds (layer name -> seconds)."""
+    peak_live_tensors, peak_live_bytes and layer_seconds (layer name -> seconds).
+    ``keep_float_weights`` (fast kernels): keep each conv/gemm layer's weights as float32 copies
+    for the BLAS products after its first run (fastest; 4 bytes per weight on top of the
+    program), or convert them from the integer weights at each call (memory: the program's
+    weights, the live activations and one layer's scratch)."""
+    token = fast_kernels.KEEP_FLOAT_WEIGHTS.set(bool(keep_float_weights))
+    try:
+        return _execute(program, feeds, raw_inputs, raw_outputs, trace, kernels, stats)
+    finally:
+        fast_kernels.KEEP_FLOAT_WEIGHTS.reset(token)
+
+
+def _execute(program: Program, feeds: dict, raw_inputs: bool, raw_outputs: bool, trace: bool, kernels: str,
+             stats: dict | None):
     validate(program)
     _kernel_set(kernels)
     missing = [n for n in program.inputs if n not in feeds]

@@ -38,6 +38,7 @@ clamp, requantize, ...) reuse the reference.
 """
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -79,6 +80,10 @@ for a while after each matmul, and measured on a loaded 2-core machine extra thr
 competed with them (BLAS threads are set by OPENBLAS_NUM_THREADS)."""
 PARALLEL_MIN_ELEMENTS = 2**17  # below this, one thread
 FUSE_DEPTHWISE = True  # depthwise convs with the multiplier folded into the taps (_DepthwiseFused)
+KEEP_FLOAT_WEIGHTS = contextvars.ContextVar("keep_float_weights", default=True)
+"""Whether a layer's plan keeps its dense weights as float copies (4 bytes per int8 weight) after
+the first run, or converts them from the integer weights at every call (less memory, one more
+pass over the weights per call). Set per run by ``executor.execute(keep_float_weights=...)``."""
 
 _pool: ThreadPoolExecutor | None = None
 _worker = threading.local()
@@ -136,17 +141,41 @@ def dtype_bound(dtype, zp: int) -> int:
 
 def _greedy_chunks(cum: np.ndarray, limit: int) -> list[tuple[int, int]] | None:
     """Cut [0, K) into the fewest contiguous chunks with max_row(cum[:, end] - cum[:, start]) <=
-    limit (cum: per-row cumulative sums with a leading 0 column); None if one column exceeds it."""
+    limit (cum: per-row cumulative sums with a leading 0 column); None if one column exceeds it.
+    Each chunk's end is found by bisection (the reach is non-decreasing in end), which reads a
+    few columns instead of building a [rows, K] difference."""
     k = cum.shape[1] - 1
     chunks, start = [], 0
     while start < k:
-        reach = (cum[:, start + 1:] - cum[:, start:start + 1]).max(axis=0)
-        fits = int(np.searchsorted(reach, limit, side="right"))  # reach is non-decreasing
-        if fits == 0:
+        base = cum[:, start]
+        lo, hi = start, k  # the largest end in [start, k] whose reach is within the limit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if int((cum[:, mid] - base).max()) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo == start:
             return None
-        chunks.append((start, start + fits))
-        start += fits
+        chunks.append((start, lo))
+        start = lo
     return chunks
+
+
+def _narrow_int(bound: int) -> np.dtype:
+    """The narrowest signed integer dtype holding every value of magnitude <= bound."""
+    for dtype in (np.int16, np.int32):
+        if bound <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
+def _weights_minus_zero_point(w: np.ndarray, zp_w, axis_shape) -> np.ndarray:
+    """w - zp_w[o] in the narrowest integer dtype that holds it (int16 for 8-bit weights), so that
+    preparing a large layer does not hold several int64 copies of its weights at once."""
+    zp = per_channel(zp_w, w.shape[0], "weight_zero_point")
+    wt = _narrow_int(dtype_bound(w.dtype, 0) + int(np.abs(zp).max(initial=0)))
+    return np.subtract(w, zp.astype(wt).reshape(axis_shape), dtype=wt)
 
 
 def reduction_plan(abs_w: np.ndarray, x_bound: int, force_dtype=None) -> tuple[np.dtype, list[tuple[int, int]]]:
@@ -164,9 +193,11 @@ def reduction_plan(abs_w: np.ndarray, x_bound: int, force_dtype=None) -> tuple[n
     if peak < EXACT_FLOAT32:
         return np.dtype(np.float32), [(0, k)]
     cum = None
+    cum_dtype = _narrow_int(int(row_sums.max())) if row_sums.size else np.dtype(np.int64)
+    cum_dtype = np.dtype(np.int32) if cum_dtype == np.int16 else cum_dtype
     if xb * int(abs_w.max()) < EXACT_FLOAT32:
-        cum = np.zeros((abs_w.shape[0], k + 1), dtype=np.int64)
-        np.cumsum(abs_w, axis=1, out=cum[:, 1:])
+        cum = np.zeros((abs_w.shape[0], k + 1), dtype=cum_dtype)
+        np.cumsum(abs_w, axis=1, out=cum[:, 1:], dtype=cum_dtype)
         chunks = _greedy_chunks(cum, (EXACT_FLOAT32 - 1) // xb)
         if chunks is not None and min(b - a for a, b in chunks[:-1] or [(0, MIN_FLOAT32_CHUNK)]) >= MIN_FLOAT32_CHUNK:
             return np.dtype(np.float32), chunks
@@ -174,8 +205,8 @@ def reduction_plan(abs_w: np.ndarray, x_bound: int, force_dtype=None) -> tuple[n
         return np.dtype(np.float64), [(0, k)]
     if xb * int(abs_w.max()) < EXACT_FLOAT64:
         if cum is None:
-            cum = np.zeros((abs_w.shape[0], k + 1), dtype=np.int64)
-            np.cumsum(abs_w, axis=1, out=cum[:, 1:])
+            cum = np.zeros((abs_w.shape[0], k + 1), dtype=cum_dtype)
+            np.cumsum(abs_w, axis=1, out=cum[:, 1:], dtype=cum_dtype)
         chunks = _greedy_chunks(cum, (EXACT_FLOAT64 - 1) // xb)
         if chunks is not None:
             return np.dtype(np.float64), chunks
@@ -344,11 +375,22 @@ class _ConvPlan:
     keep: tuple  # the arrays the key's ids refer to (so the ids cannot be reused)
     ct: np.dtype
     chunks: list[tuple[int, int]]
-    wmats: list[list[np.ndarray]]  # [group][chunk] -> [og, chunk] (dense) ; depthwise: [[g, og, kh, kw]]
+    wmats: list[list[np.ndarray]] | None  # [group][chunk] -> [og, chunk] (dense); depthwise: [[g, og, kh, kw]]
     depthwise: bool
     epilogue: Epilogue | None
     row_l1: np.ndarray  # [O] sum_k |w[o, k] - zp_w[o]| (float64), for the static bound
+    og: int = 0  # output channels per group
+    source: tuple | None = None  # dense weights not kept in float: (w [g, og, K], zp_w [g, og, 1])
     dw_fused: _DepthwiseFused | None = None
+
+    def weight_chunks(self, gi: int) -> list[np.ndarray]:
+        """Group gi's weights minus their zero points in the compute dtype, one [og, chunk] array
+        per reduction chunk: the kept copies, or converted from the integer weights for this
+        call when float copies are not kept (``keep_float_weights``)."""
+        if self.wmats is not None:
+            return self.wmats[gi]
+        w, zp = self.source
+        return [_minus_zero_point(w[gi, :, a:b], zp[gi], self.ct) for a, b in self.chunks]
 
 
 @dataclass
@@ -408,7 +450,7 @@ def _prepare_conv(w, zp_w, x_dtype, zp_x: int, force_dtype=None):
     """Weights minus their zero points, the compute dtype and the chunks for an input dtype."""
     w = np.asarray(w)
     o, cg, kh, kw = w.shape
-    ws = w.astype(np.int64) - per_channel(zp_w, o, "weight_zero_point").reshape(-1, 1, 1, 1)
+    ws = _weights_minus_zero_point(w, zp_w, (-1, 1, 1, 1))
     abs_w = np.abs(ws.reshape(o, cg * kh * kw))
     x_bound = dtype_bound(x_dtype, zp_x)
     if cg == 1:  # depthwise: taps summed in one accumulator, so the whole row sum must fit
@@ -423,16 +465,32 @@ def _prepare_conv(w, zp_w, x_dtype, zp_x: int, force_dtype=None):
     return ws, abs_w, ct, chunks, x_bound
 
 
-def _conv_plan(w, zp_w, x_dtype, zp_x: int, attrs: dict, force_dtype=None) -> _ConvPlan:
+def _minus_zero_point(w: np.ndarray, zp: np.ndarray, ct: np.dtype) -> np.ndarray:
+    """w - zp (zp broadcast along w's rows) in the compute dtype; a plain conversion (the cheap
+    loop) when every zero point is 0, as for symmetric weights."""
+    if not zp.any():
+        return w.astype(ct)
+    out = w.astype(ct)
+    out -= zp.astype(ct)  # exact: integers far below 2^24
+    return out
+
+
+def _conv_plan(w, zp_w, x_dtype, zp_x: int, attrs: dict, force_dtype=None, keep_float: bool = True) -> _ConvPlan:
+    """The conv's plan; ``keep_float`` False keeps no float copy of dense weights (depthwise
+    weights, a few per channel, are always kept)."""
     o, cg, kh, kw = w.shape
     g = int(attrs.get("group", 1))
     ws, abs_w, ct, chunks, _ = _prepare_conv(w, zp_w, x_dtype, zp_x, force_dtype)
+    row_l1 = abs_w.sum(axis=1).astype(np.float64)
     if cg == 1:
-        wmats = [[ws.reshape(g, o // g, kh, kw).astype(ct)]]
-    else:
-        flat = ws.reshape(g, o // g, cg * kh * kw)
-        wmats = [[np.ascontiguousarray(flat[gi, :, a:b], dtype=ct) for a, b in chunks] for gi in range(g)]
-    return _ConvPlan((), (), ct, chunks, wmats, cg == 1, None, abs_w.sum(axis=1).astype(np.float64))
+        return _ConvPlan((), (), ct, chunks, [[ws.reshape(g, o // g, kh, kw).astype(ct)]], True, None, row_l1, o // g)
+    flat = ws.reshape(g, o // g, cg * kh * kw)
+    if not keep_float:
+        zp = np.broadcast_to(per_channel(zp_w, o, "weight_zero_point"), (o,)).astype(ws.dtype).reshape(g, o // g, 1)
+        source = (np.asarray(w).reshape(g, o // g, cg * kh * kw), zp)
+        return _ConvPlan((), (), ct, chunks, None, False, None, row_l1, o // g, source)
+    wmats = [[np.ascontiguousarray(flat[gi, :, a:b], dtype=ct) for a, b in chunks] for gi in range(g)]
+    return _ConvPlan((), (), ct, chunks, wmats, False, None, row_l1, o // g)
 
 
 def _run_conv(x, plan: _ConvPlan, geo: dict, zp_x: int, emit, emit_dw) -> None:
@@ -454,8 +512,9 @@ def _run_conv(x, plan: _ConvPlan, geo: dict, zp_x: int, emit, emit_dw) -> None:
         _run_depthwise(x, zp_x, plan, geo, (sh, sw), emit_dw, plan.dw_fused.weights if plan.dw_fused else None)
         return
 
-    og = plan.wmats[0][0].shape[0] if plan.wmats[0] else 0
+    og = plan.og
     k_total = cg * kh * kw
+    weights = [plan.weight_chunks(gi) for gi in range(g)]  # converted once per call when not kept
     if kh == kw == 1 and (sh, sw) == (1, 1) and not any(geo["pads"]) and x.shape[2:] == (ho, wo):
         xs = np.empty(x.shape, dtype=ct)  # pointwise: x - zp_x is the matmul operand as it is
         if zp_x == 0:
@@ -471,7 +530,7 @@ def _run_conv(x, plan: _ConvPlan, geo: dict, zp_x: int, emit, emit_dw) -> None:
                     xg = np.ascontiguousarray(xg.transpose(1, 0, 2))
                 xg = xg.reshape(cg, (b1 - b0) * ho * wo)
                 parts = [np.matmul(wm, xg[a:bb]).reshape(og, b1 - b0, ho, wo)
-                         for wm, (a, bb) in zip(plan.wmats[gi], plan.chunks)]
+                         for wm, (a, bb) in zip(weights[gi], plan.chunks)]
                 emit(parts, b0, b1, gi * og, (gi + 1) * og, 0, ho, False)
         return
 
@@ -504,7 +563,7 @@ def _run_conv(x, plan: _ConvPlan, geo: dict, zp_x: int, emit, emit_dw) -> None:
                 parallel_for(fill, cg, im.size)
                 mat = im.reshape(k_total, nb * (r1 - r0) * cols)
                 parts = [np.matmul(wm, mat[a:bb]).reshape(og, nb, r1 - r0, cols)
-                         for wm, (a, bb) in zip(plan.wmats[gi], plan.chunks)]
+                         for wm, (a, bb) in zip(weights[gi], plan.chunks)]
                 emit(parts, b0, b1, gi * og, (gi + 1) * og, r0, r1, False)
 
 
@@ -549,7 +608,7 @@ def _run_depthwise(x: np.ndarray, zp_x: int, plan: _ConvPlan, geo: dict, strides
     next row). Channel blocks stay in cache; first tap written, the rest added. ``weights``
     ([g, og, kh, kw] in the compute dtype) replaces the plan's (the fused path's w * m)."""
     n, g = x.shape[:2]
-    (ho, wo), (kh, kw) = geo["out"], geo["kernel"]
+    ho, (kh, kw) = geo["out"][0], geo["kernel"]
     wt = plan.wmats[0][0] if weights is None else weights  # [g, og, kh, kw]
     og, ct = wt.shape[1], plan.ct
     flat, tap_runs, width = _tap_runs(x, zp_x, geo, strides, ct)
@@ -619,7 +678,7 @@ def _cached(layer, key: tuple, keep: tuple, build):
 
 
 def _ids_key(arrays: tuple) -> tuple:
-    return tuple((id(a), getattr(a, "shape", None), str(getattr(a, "dtype", ""))) for a in arrays)
+    return tuple((id(a), getattr(a, "shape", None), getattr(a, "dtype", None)) for a in arrays)
 
 
 
@@ -646,11 +705,12 @@ def conv(layer, inputs, in_infos, out_infos):
     out_info = out_infos[0]
     zp_y = tensor_zero_point(out_info)
     params = tuple(layer.params.get(n) for n in sorted(_CONV_PARAMS))
+    keep_float = KEEP_FLOAT_WEIGHTS.get()
     key = (_ids_key(params), x.dtype.str, zp_x, out_info.dtype, zp_y, layer.rounding,
-           bool(layer.attrs.get("input_zero_point_folded")), int(layer.attrs.get("group", 1)))
+           bool(layer.attrs.get("input_zero_point_folded")), int(layer.attrs.get("group", 1)), keep_float)
 
     def build():
-        plan = _conv_plan(w, zp_w, x.dtype, zp_x, layer.attrs)
+        plan = _conv_plan(w, zp_w, x.dtype, zp_x, layer.attrs, keep_float=keep_float)
         plan.epilogue = _weighted_epilogue(layer, plan, w, zp_w, x.dtype, zp_x, in_infos[0], out_info)
         plan.dw_fused = _DepthwiseFused.build(plan) if FUSE_DEPTHWISE else None
         return plan
@@ -702,24 +762,36 @@ class _GemmPlan:
     keep: tuple
     ct: np.dtype
     chunks: list[tuple[int, int]]
-    wts: list[np.ndarray]  # per chunk: (w - zp_w)[:, chunk].T as [chunk, O]
+    wts: list[np.ndarray] | None  # per chunk: (w - zp_w)[:, chunk].T as [chunk, O]
     epilogue: Epilogue | None
     row_l1: np.ndarray
+    source: tuple | None = None  # weights not kept in float: (w [O, K], zp_w [O, 1])
+
+    def weight_chunks(self) -> list[np.ndarray]:
+        """(w - zp_w)[:, chunk].T per chunk in the compute dtype: kept, or converted for this call."""
+        if self.wts is not None:
+            return self.wts
+        w, zp = self.source
+        return [_minus_zero_point(w[:, a:b], zp, self.ct).T for a, b in self.chunks]
 
 
-def _gemm_plan(w, zp_w, x_dtype, zp_x: int, force_dtype=None) -> _GemmPlan:
+def _gemm_plan(w, zp_w, x_dtype, zp_x: int, force_dtype=None, keep_float: bool = True) -> _GemmPlan:
     w = np.asarray(w)
-    ws = w.astype(np.int64) - per_channel(zp_w, w.shape[0], "weight_zero_point").reshape(-1, 1)
+    ws = _weights_minus_zero_point(w, zp_w, (-1, 1))
     abs_w = np.abs(ws)
     ct, chunks = reduction_plan(abs_w, dtype_bound(x_dtype, zp_x), force_dtype)
+    row_l1 = abs_w.sum(axis=1).astype(np.float64)
+    if not keep_float:
+        zp = per_channel(zp_w, w.shape[0], "weight_zero_point").astype(ws.dtype).reshape(-1, 1)
+        return _GemmPlan((), (), ct, chunks, None, None, row_l1, (w, zp))
     wts = [np.ascontiguousarray(ws[:, a:b].T, dtype=ct) for a, b in chunks]
-    return _GemmPlan((), (), ct, chunks, wts, None, abs_w.sum(axis=1).astype(np.float64))
+    return _GemmPlan((), (), ct, chunks, wts, None, row_l1)
 
 
 def _gemm_parts(x: np.ndarray, plan: _GemmPlan, zp_x: int) -> list[np.ndarray]:
     xv = np.empty(x.shape, dtype=plan.ct)
     np.subtract(x, zp_x, out=xv, dtype=plan.ct, casting="unsafe")
-    return [np.matmul(xv[..., a:b], wt) for wt, (a, b) in zip(plan.wts, plan.chunks)]
+    return [np.matmul(xv[..., a:b], wt) for wt, (a, b) in zip(plan.weight_chunks(), plan.chunks)]
 
 
 def gemm_accumulate(x, w, zp_x, zp_w, *, force_dtype=None) -> np.ndarray:
@@ -748,11 +820,12 @@ def gemm(layer, inputs, in_infos, out_infos):
     out_info = out_infos[0]
     zp_y = tensor_zero_point(out_info)
     params = tuple(layer.params.get(n) for n in sorted(_CONV_PARAMS))
+    keep_float = KEEP_FLOAT_WEIGHTS.get()
     key = (_ids_key(params), x.dtype.str, zp_x, out_info.dtype, zp_y, layer.rounding,
-           bool(layer.attrs.get("input_zero_point_folded")))
+           bool(layer.attrs.get("input_zero_point_folded")), keep_float)
 
     def build():
-        plan = _gemm_plan(w, zp_w, x.dtype, zp_x)
+        plan = _gemm_plan(w, zp_w, x.dtype, zp_x, keep_float=keep_float)
         plan.epilogue = _weighted_epilogue(layer, plan, w, zp_w, x.dtype, zp_x, in_infos[0], out_info)
         return plan
 

@@ -21,7 +21,8 @@ Per model (ResNet-50 and MobileNetV2 from ``tools.architectures``; EfficientNet-
 - peak RSS (VmHWM) of a qlower compile at N and at ``--large-samples`` samples read from
   memory-mapped ``.npy`` files in a folder, each in a fresh process, and of the IR runtime at
   batch 1 beside what it must hold (integer weights, the executor's largest set of live
-  activations, the fast kernels' prepared float weights).
+  activations and, with ``keep_float_weights=True``, the fast kernels' float weight copies),
+  with and without those copies, next to onnxruntime's session on the float model.
 
 ``--threads N`` sets OPENBLAS_NUM_THREADS / OMP_NUM_THREADS in the child processes and
 onnxruntime's intra-op threads for every measurement (latency then only at N threads).
@@ -263,25 +264,38 @@ def calibration_memory_job(model_path: str, data_path: str, target: str) -> dict
     return {"seconds": time.perf_counter() - start, "rss0_mb": rss0 / 1024, "peak_mb": _status_kib("VmHWM") / 1024}
 
 
-def runtime_memory_job(program_path: str, sample: np.ndarray, input_name: str) -> dict:
-    """Peak RSS of loading and running the program on one sample, beside what it must hold."""
+def runtime_memory_job(program_path: str, sample: np.ndarray, input_name: str, keep_float_weights: bool = True) -> dict:
+    """Peak RSS of loading and running the program on one sample (twice: the second run reuses
+    the prepared plans), beside what it must hold."""
     import runtime
 
     rss0 = _status_kib("VmRSS")
     program = runtime.load_program(program_path)
     rss_loaded = _status_kib("VmRSS")
     stats: dict = {}
-    runtime.execute(program, {input_name: sample}, stats=stats)
+    for _ in range(2):
+        runtime.execute(program, {input_name: sample}, stats=stats, keep_float_weights=keep_float_weights)
     weights = sum(np.asarray(v).nbytes for layer in program.layers for v in layer.params.values())
     prepared = 0
     for layer in program.layers:
         plan = layer.__dict__.get("_fast_plan")
-        for group in getattr(plan, "wmats", []) or []:
+        for group in getattr(plan, "wmats", None) or []:
             prepared += sum(a.nbytes for a in group)
-        prepared += sum(a.nbytes for a in getattr(plan, "wts", []) or [])
+        prepared += sum(a.nbytes for a in getattr(plan, "wts", None) or [])
     return {"rss0_mb": rss0 / 1024, "loaded_mb": rss_loaded / 1024, "peak_mb": _status_kib("VmHWM") / 1024,
                 "weights_mb": weights / 2**20, "prepared_mb": prepared / 2**20,
                 "live_mb": stats.get("peak_live_bytes", 0) / 2**20}
+
+
+def ort_memory_job(model_path: str, sample: np.ndarray, input_name: str, threads: int | None) -> dict:
+    """Peak RSS of an onnxruntime session on the float model running one sample twice."""
+    import onnxruntime  # noqa: F401  (imported before the first RSS reading, as the runtime's numpy)
+
+    rss0 = _status_kib("VmRSS")
+    session = _ort_session(model_path, threads)
+    for _ in range(2):
+        session.run(None, {input_name: sample})
+    return {"rss0_mb": rss0 / 1024, "peak_mb": _status_kib("VmHWM") / 1024}
 
 
 # --------------------------------------------------------------------------- parent side
@@ -422,12 +436,16 @@ def benchmark_model(name: str, opts: Options, work: Path, log=print) -> list[Row
                         f"{small:.0f} / {large:.0f}", "", _fmt(large / small), "<= 1.10"))
         rows.append(Row(name, "  of which above the RSS after imports (MB)",
                         f"{small - base:.0f} / {large - peaks[opts.large_samples]['rss0_mb']:.0f}"))
-        mem = _run(opts.isolate, runtime_memory_job, str(program_path), np.ascontiguousarray(samples[:1]), input_name)
-        need = mem["weights_mb"] + mem["prepared_mb"] + mem["live_mb"]
-        rows.append(Row(name, "runtime peak RSS batch 1, above the RSS after imports (MB)",
-                        _fmt(mem["peak_mb"] - mem["rss0_mb"], 0), "", "",
-                        f"~ {need:.0f} = int weights {mem['weights_mb']:.0f} + float weights "
-                        f"{mem['prepared_mb']:.0f} + live {mem['live_mb']:.1f}"))
+        sample = np.ascontiguousarray(samples[:1])
+        ort_mem = _run(opts.isolate, ort_memory_job, str(model_path), sample, input_name, opts.threads)
+        ort_peak = ort_mem["peak_mb"] - ort_mem["rss0_mb"]
+        for keep in (True, False):
+            mem = _run(opts.isolate, runtime_memory_job, str(program_path), sample, input_name, keep)
+            floats = f" + float weights {mem['prepared_mb']:.0f}" if keep else ""
+            need = mem["weights_mb"] + mem["prepared_mb"] + mem["live_mb"]
+            rows.append(Row(name, f"runtime peak RSS batch 1, keep_float_weights={keep}, above imports (MB)",
+                            _fmt(mem["peak_mb"] - mem["rss0_mb"], 0), _fmt(ort_peak, 0), "",
+                            f"~ {need:.0f} = weights {mem['weights_mb']:.0f}{floats} + live {mem['live_mb']:.1f}"))
     return rows
 
 

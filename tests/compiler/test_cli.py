@@ -272,11 +272,12 @@ def _feeds(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in data.items()}
 
 
-@pytest.mark.parametrize("raw", [False, True], ids=["float", "raw"])
-def test_run_stacks_every_sample_like_the_runtime(zoo, compiled, tmp_path, capsys, raw):
+@pytest.mark.parametrize(("raw", "low_memory"), [(False, False), (True, False), (True, True)],
+                         ids=["float", "raw", "raw-low-memory"])
+def test_run_stacks_every_sample_like_the_runtime(zoo, compiled, tmp_path, capsys, raw, low_memory):
     out = tmp_path / "y.npz"
     argv = ["run", str(compiled["qir"]), "--input", str(zoo["eval"]), "--output", str(out), "--batch-size", "2"]
-    rc = main(argv + (["--raw"] if raw else []))
+    rc = main(argv + (["--raw"] if raw else []) + (["--low-memory"] if low_memory else []))
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert f"ran {RUN_SAMPLES} samples" in captured.out

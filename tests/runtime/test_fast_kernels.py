@@ -119,6 +119,11 @@ def test_conv_layer_equals_oracle(case, out_dtype, bits, per_channel, rounding_e
     assert got.dtype == expected.dtype and np.array_equal(got, expected)
     again = run_kernel(fast.KERNELS, lay, [x], ins, outs)[0]  # from the cached plan
     assert np.array_equal(again, expected)
+    token = fast.KEEP_FLOAT_WEIGHTS.set(False)  # weights converted at each call instead
+    try:
+        assert np.array_equal(run_kernel(fast.KERNELS, lay, [x], ins, outs)[0], expected)
+    finally:
+        fast.KEEP_FLOAT_WEIGHTS.reset(token)
 
 
 def _conv_layer_case(rng, x_shape, w_shape, attrs, xd="uint8", wd="int8", out_dtype="uint8", bits=8):
@@ -293,6 +298,11 @@ def test_gemm_layer_equals_oracle(xd, out_dtype, bits, kdim, o, mode, seed):
     except OverflowError:
         return
     assert np.array_equal(run_kernel(fast.KERNELS, lay, [x], ins, outs)[0], expected)
+    token = fast.KEEP_FLOAT_WEIGHTS.set(False)
+    try:
+        assert np.array_equal(run_kernel(fast.KERNELS, lay, [x], ins, outs)[0], expected)
+    finally:
+        fast.KEEP_FLOAT_WEIGHTS.reset(token)
     acc = ref.gemm_accumulate(x, w, ins[0].zero_point[0], params["weight_zero_point"])
     assert np.array_equal(fast.gemm_accumulate(x, w, ins[0].zero_point[0], params["weight_zero_point"]), acc)
 

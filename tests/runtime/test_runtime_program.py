@@ -49,6 +49,21 @@ def test_fast_and_reference_kernels_agree_end_to_end():
         assert all(np.array_equal(ta[k], tb[k]) for k in ta)
 
 
+def test_float_weight_copies_are_optional():
+    """keep_float_weights=False gives the same integers, keeps no float copy of the conv and gemm
+    weights, and a later default run builds them again."""
+    p = fork_program()
+    _, kept = execute(p, feed(2), raw_outputs=True, trace=True)
+    assert p.layers[0].__dict__["_fast_plan"].wmats is not None
+    _, lean = execute(p, feed(2), raw_outputs=True, trace=True, keep_float_weights=False)
+    assert kept.keys() == lean.keys() and all(np.array_equal(kept[k], lean[k]) for k in kept)
+    conv_plan, gemm_plan = p.layers[0].__dict__["_fast_plan"], p.layers[-1].__dict__["_fast_plan"]
+    assert conv_plan.wmats is None and gemm_plan.wts is None
+    _, again = execute(p, feed(2), raw_outputs=True, trace=True)
+    assert all(np.array_equal(kept[k], again[k]) for k in kept)
+    assert p.layers[0].__dict__["_fast_plan"].wmats is not None
+
+
 def test_batch_is_generic():
     p = fork_program(batch=1)
     x = feed(batch=3)["x"]

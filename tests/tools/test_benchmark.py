@@ -15,6 +15,7 @@ def test_benchmark_rows_on_a_tiny_model(tmp_path):
     lines = []
     rows = benchmark.benchmark_model("resnet_tiny", opts, tmp_path, log=lines.append)
     measures = [r.measure for r in rows]
+    number = re.compile(r"^\d+(\.\d+)?$")
     expected = [
         "compile MinMax, N=2 (s)", "  of which qlower's calibration stage (s)", "compile MinMax peak RSS (MB)",
         "latency batch 1, default threads, vs ORT float (ms/sample)",
@@ -24,9 +25,10 @@ def test_benchmark_rows_on_a_tiny_model(tmp_path):
     ]
     assert measures[:len(expected)] == expected
     assert measures[len(expected)].startswith("compile peak RSS N=2 / N=4 (MB;")
-    assert measures[-1].startswith("runtime peak RSS batch 1")
+    assert measures[-2:] == [f"runtime peak RSS batch 1, keep_float_weights={keep}, above imports (MB)"
+                             for keep in (True, False)]
+    assert all(number.match(r.qlower) and number.match(r.onnxruntime) for r in rows[-2:])
     assert all(r.model == "resnet_tiny" for r in rows)
-    number = re.compile(r"^\d+(\.\d+)?$")
     for r in rows[:len(expected)]:
         assert number.match(r.qlower), r
         if "of which" not in r.measure:
