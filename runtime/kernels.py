@@ -584,18 +584,24 @@ def _tap_runs(x: np.ndarray, zp_x: int, geo: dict, strides, ct: np.dtype):
     phases = sorted({(a, b) for a, b, _, _ in taps})
     width = wo + max(t[3] for t in taps)
     height = ho + max(t[2] for t in taps) + 1  # + 1: the last row's extra columns run past it
-    planes = np.zeros((n, c, len(phases), height, width), dtype=ct)
+    planes = np.empty((n, c, len(phases), height, width), dtype=ct)
     for p, (a, b) in enumerate(phases):  # plane row y holds input row y*sh + a - pt (if inside)
         y0, x0 = max(0, -(-(pt - a) // sh)), max(0, -(-(pl - b) // sw))
         y1 = min(height, (h - 1 + pt - a) // sh + 1)
         x1 = min(width, (w - 1 + pl - b) // sw + 1)
-        if y1 > y0 and x1 > x0:
-            src = x[:, :, y0 * sh + a - pt: (y1 - 1) * sh + a - pt + 1: sh, x0 * sw + b - pl: (x1 - 1) * sw + b - pl + 1: sw]
-            inner = planes[:, :, p, y0:y1, x0:x1]
-            if zp_x == 0:
-                np.copyto(inner, src, casting="unsafe")
-            else:
-                np.subtract(src, zp_x, out=inner, dtype=ct, casting="unsafe")
+        plane = planes[:, :, p]
+        if y1 <= y0 or x1 <= x0:
+            plane.fill(0)
+            continue
+        plane[:, :, :y0] = 0  # padding (x - zp_x = 0 there): only the border is written twice
+        plane[:, :, y1:] = 0
+        plane[:, :, y0:y1, :x0] = 0
+        plane[:, :, y0:y1, x1:] = 0
+        src = x[:, :, y0 * sh + a - pt: (y1 - 1) * sh + a - pt + 1: sh, x0 * sw + b - pl: (x1 - 1) * sw + b - pl + 1: sw]
+        if zp_x == 0:
+            np.copyto(plane[:, :, y0:y1, x0:x1], src, casting="unsafe")
+        else:
+            np.subtract(src, zp_x, out=plane[:, :, y0:y1, x0:x1], dtype=ct, casting="unsafe")
     flat = planes.reshape(n, c, len(phases), height * width)
     return flat, [(phases.index((a, b)), oi * width + oj) for a, b, oi, oj in taps], width
 
