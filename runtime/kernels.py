@@ -240,15 +240,18 @@ class Epilogue:
     typed: dict = field(default_factory=dict, repr=False)  # (work dtype, ndim) -> constants
 
     @staticmethod
-    def _variant(bias, m, k, zp_y: int, acc_bound):
+    def _variant(bias, m, k, zp_y: int, acc_bound, constant=None):
         """(c, limit32, static32) for multipliers m and shifts k, or None when a value could
-        leave int64."""
+        leave int64. ``constant`` = (mask, v): those channels output v whatever acc is (m = 0
+        and c = v * 2^k there)."""
         half = np.where(k > 0, np.left_shift(np.int64(1), np.maximum(k - 1, 0)), 0)
         worst = ((acc_bound + np.abs(bias).astype(np.float64)) * np.abs(m).astype(np.float64)
                  + half.astype(np.float64) + abs(int(zp_y)) * np.exp2(k.astype(np.float64)))
         if not np.all(worst < SAFE_INT64):
             return None
         c = bias * m + half + np.left_shift(np.int64(zp_y), k)
+        if constant is not None:
+            c = np.where(constant[0], np.left_shift(constant[1], k), c)
         # int32 work: |acc| * |m| + |c| < 2^31 (with a 2^-20 margin for the float64 division),
         # k <= 30, and the clamp bounds taken inside int32 (t lies there anyway)
         room = 2.0**31 * (1 - 2.0**-20) - np.abs(c).astype(np.float64)
@@ -275,10 +278,18 @@ class Epilogue:
         chosen = Epilogue._variant(bias, m, k, zp_y, acc_bound)
         if chosen is None:
             return None
+        constant = Epilogue._constant_channels(bias, m, k, lo, hi, chosen[0], acc_bound)
+        if constant is not None:  # m = 0 there, and a shift that costs the others nothing
+            mask, _ = constant
+            size = mask.size
+            m, bias, k = (np.array(np.broadcast_to(v, (size,))) for v in (m, bias, k))
+            m[mask], bias[mask] = 0, 0
+            k[mask] = int(k[~mask].max()) if not mask.all() else 0
+            chosen = Epilogue._variant(bias, m, k, zp_y, acc_bound, constant)
         if k.size > 1 and np.any(k != k.flat[0]):  # one shift for all channels, unless it costs int32
             top = int(k.max())
             m_one = m * np.left_shift(np.int64(1), top - k)
-            one = Epilogue._variant(bias, m_one, np.full_like(k, top), zp_y, acc_bound)
+            one = Epilogue._variant(bias, m_one, np.full_like(k, top), zp_y, acc_bound, constant)
             if one is not None and (one[2] or not chosen[2]) and np.abs(m_one).max() < 2**31:
                 m, k, chosen = m_one, np.full_like(k, top), one
         c, limit32, static32 = chosen
@@ -286,6 +297,22 @@ class Epilogue:
         lo, hi = np.asarray(lo, np.int64), np.asarray(hi, np.int64)
         lo32, hi32 = np.clip(lo, -(2**31), 2**31 - 1), np.clip(hi, -(2**31), 2**31 - 1)
         return Epilogue(m, c, shift, lo, hi, lo32, hi32, limit32, static32)
+
+    @staticmethod
+    def _constant_channels(bias, m, k, lo, hi, c, acc_bound):
+        """(mask, v) of the channels whose output is the same integer v for every accumulator
+        the layer can produce, or None. y = clip((acc*m + c) >> k, lo, hi) is monotonic in acc
+        and |acc| <= acc_bound, so the channel is constant when both ends of the range give the
+        same y (a near-dead channel whose bias saturates it, say). Computed in int64: every term
+        is below 2^61 once the int64 bound has been checked (_variant)."""
+        reach = np.floor(acc_bound).astype(np.int64) * np.abs(m)
+        lo, hi = np.asarray(lo, np.int64), np.asarray(hi, np.int64)
+        y_low = np.clip(np.right_shift(c - reach, k), lo, hi)
+        y_high = np.clip(np.right_shift(c + reach, k), lo, hi)
+        mask = np.broadcast_to(y_low == y_high, np.broadcast(y_low, y_high).shape)
+        if mask.ndim != 1 or mask.size < 2 or not mask.any():
+            return None
+        return np.array(mask), np.array(np.broadcast_to(y_low, mask.shape))
 
     def _consts(self, ndim: int, wt: np.dtype) -> tuple:
         """(m, c, k, lo, hi) in the work dtype: a numpy scalar where the value is one for the

@@ -213,6 +213,26 @@ def test_epilogue_int32_static_dynamic_and_int64():
     assert fast.Epilogue.build(bias, np.full(o, 2**31 - 1), k + 20, lo, hi, 3, np.full(o, 2.0**34), None) is None
 
 
+def test_saturated_channels_become_constants_and_keep_the_layer_in_int32():
+    """A near-dead channel whose bias dwarfs its weights (bias ~1e9 and shift 33, as bias fitting
+    leaves pruned channels) gives one output integer whatever the input, but its bound used to
+    push the whole layer out of int32. It is made a constant (m = 0, c = v * 2^k): the layer
+    stays in int32 (depthwise ones fused) and equals the oracle bit for bit."""
+    rng = np.random.default_rng(4)
+    for w_shape, x_channels, attrs in (((6, 1, 3, 3), 6, {"group": 6, "pads": [1] * 4}),
+                                       ((6, 4, 3, 3), 4, {"pads": [1] * 4})):
+        lay, x, ins, outs = _conv_layer_case(rng, (2, x_channels, 9, 9), w_shape, attrs)
+        lay.params["bias"][[1, 4]] = [10**9, -(10**9)]
+        lay.params["multiplier"][[1, 4]] = [200, 150]
+        lay.params["shift"][[1, 4]] = [33, 34]
+        expected = run_kernel(ref.KERNELS, lay, [x], ins, outs)[0]
+        assert np.array_equal(run_kernel(fast.KERNELS, lay, [x], ins, outs)[0], expected)
+        assert len(np.unique(expected[:, 1])) == 1 and len(np.unique(expected[:, 4])) == 1
+        plan = lay.__dict__["_fast_plan"]
+        assert plan.epilogue.static32 and list(plan.epilogue.m[[1, 4]]) == [0, 0]
+        assert (plan.dw_fused is not None) == (w_shape[1] == 1)
+
+
 def test_im2col_row_chunks_and_stacked_images(monkeypatch):
     rng = np.random.default_rng(21)
     lay, x, ins, outs = _conv_layer_case(rng, (9, 6, 7, 7), (8, 6, 3, 3), {"pads": [1, 0, 2, 1], "strides": [2, 1]})
