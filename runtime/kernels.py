@@ -20,21 +20,27 @@ y = clamp(zp_y + ((acc + b) * m + 2^(k-1)) >> k, lo, hi) is computed as
     t = acc * m + c,  c = b * m + 2^(k-1) + zp_y * 2^k   (per channel, precomputed)
     y = clip(t >> k, lo, hi)                              ((V + zp * 2^k) >> k = (V >> k) + zp)
 
-on cache-sized blocks of int64, in place, right after each matmul. It is used only where a static
-bound, |acc + b| <= max|x - zp_x| * sum_k |w[o, k] - zp_w[o]| + |b|, proves that no value leaves
-int64 (so neither the reference's overflow check nor any wrap-around can apply); everything else
-(other rounding modes, negative shifts, layers with params this module does not know) goes through
-the reference epilogue on an exact int64 accumulator. Depthwise convs whose int32 bound holds
-statically fold m into the weights instead (w' = (w - zp_w) * m, see ``_DepthwiseFused``): the taps
-sum acc * m, and the epilogue is add c, shift, clip on each channel block while it is in cache.
+on cache-sized blocks, in place, right after each matmul, in int32 where a bound proves it safe
+(else int64). It is used only where a static bound, |acc + b| <= max|x - zp_x| *
+sum_k |w[o, k] - zp_w[o]| + |b|, proves that no value leaves int64 (so neither the reference's
+overflow check nor any wrap-around can apply); everything else (other rounding modes, negative
+shifts, layers with params this module does not know) goes through the reference epilogue on an
+exact int64 accumulator. Two rewrites keep it cheap without changing an integer: per-channel
+shifts become one (m * 2^d, c * 2^d, d = max k - k) where that keeps int32, and a channel whose
+output is the same integer for every reachable accumulator becomes a constant (m = 0). Depthwise
+convs whose int32 bound holds statically fold m into the weights instead (w' = (w - zp_w) * m,
+see ``_DepthwiseFused``): the taps sum acc * m, and the epilogue is add c, shift, clip on each
+channel block while it is in cache.
 
-Layouts: 1x1 convs skip im2col; other convs build im2col per image (in row chunks bounded by
-``IM2COL_BUDGET_BYTES``), and images with few output pixels share one matmul; depthwise convs
-(one input channel per group) are sums of strided windows, one multiply-add per kernel tap on
-cache-sized channel blocks; nothing loops over pixels. The float weights, chunk plan and epilogue
-constants of a layer are prepared once and kept on the layer object (``_fast_plan``); params are
-treated as read-only after a layer's first run. Ops with no faster formulation (reshape, concat,
-clamp, requantize, ...) reuse the reference.
+Layouts: 1x1 convs skip im2col. Other convs split the padded input once into stride-phase planes
+(``_tap_runs``) in which every kernel tap is one contiguous run per channel: im2col is then one
+long copy per tap (in output-row chunks bounded by ``IM2COL_BUDGET_BYTES``; images with few
+output pixels share one matmul), and depthwise convs (one input channel per group) are one
+multiply-add per tap on cache-sized channel blocks; nothing loops over pixels. A layer's chunk
+plan, epilogue constants and float weights are prepared once and kept on the layer object
+(``_fast_plan``; the float weights only while ``KEEP_FLOAT_WEIGHTS`` is set, else they are
+converted at each call); params are treated as read-only after a layer's first run. Ops with no
+faster formulation (reshape, concat, clamp, requantize, ...) reuse the reference.
 """
 from __future__ import annotations
 
