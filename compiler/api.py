@@ -93,14 +93,14 @@ def _condition_weights(model: onnx.ModelProto, equalize: bool, weight_clip: floa
                        report: CompileReport) -> onnx.ModelProto:
     """Cross-layer equalization, then weight outlier clipping, on the fused float graph."""
     if equalize:
-        result = EqualizeLayers()(model)
+        result = EqualizeLayers()(model, in_place=True)  # (the pipeline's own copy)
         model = result.model
         skipped = [c for c in result.changes if "not equalized" in c]
         report.notes.append(result.changes[0] if result.modified else "equalization: nothing to equalize")
         if skipped:
             report.notes.append(f"equalization skipped {len(skipped)} pair(s): " + "; ".join(skipped))
     if weight_clip is not None:
-        result = ClipWeightOutliers(weight_clip)(model)
+        result = ClipWeightOutliers(weight_clip)(model, in_place=True)
         model = result.model
         report.notes.extend(result.changes)
     return model
@@ -167,7 +167,7 @@ def compile_model(model_or_path, target: str = "mmav2", calibration=None, *, bit
         imported, pre_records = None, []
         if prequantized:
             folded = FoldConstants()(loaded.model)
-            imported = ImportQDQ()(folded.model)
+            imported = ImportQDQ()(folded.model, in_place=True)  # (folding made a copy already)
             changes = ([f"constants folded first: {c}" for c in folded.changes] if folded.modified else []) + \
                 imported.changes
             pre_records.append(record_step(instruments, 0, 0, ImportQDQ.name, len(loaded.model.graph.node),
@@ -176,10 +176,10 @@ def compile_model(model_or_path, target: str = "mmav2", calibration=None, *, bit
         pipeline = run_default_pipeline(imported.model if imported else loaded.model, instruments=instruments)
         model = pipeline.model
         if prequantized:
-            step = time.perf_counter()
-            kept = KeepQDQBoundaries()(model)
+            step, before = time.perf_counter(), len(model.graph.node)
+            kept = KeepQDQBoundaries()(model, in_place=True)
             pre_records.append(record_step(instruments, len(pipeline.records) + 1, 1, KeepQDQBoundaries.name,
-                                           len(model.graph.node), kept, time.perf_counter() - step))
+                                           before, kept, time.perf_counter() - step))
             model = kept.model
             report.notes.extend(imported.changes)
         elif equalize or weight_clip is not None:

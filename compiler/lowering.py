@@ -16,7 +16,7 @@ import onnx
 
 from passes.activation_fusion import activation_bounds
 from passes.elementwise_fusion import chain_end_of
-from passes.graph import GraphIndex, get_attr
+from passes.graph import GraphIndex, get_attr, without_large_weights
 from passes.layer_plan import LayerGroup, LayerPlan
 from passes.qparams import DTYPE_RANGES, QParams, QParamTable, quantize_constant
 from passes.targets import TargetPreset
@@ -52,10 +52,13 @@ def static_value_info(model: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]
     """(``tensor_shapes(model)``, element types) from one ONNX shape inference: the types are
     what ``calibration._element_types`` reads (every tensor with a recorded or inferred tensor
     type). Inference serializes and parses the whole model, so a compile runs it once for the
-    calibration, scales and lowering stages, which all see the same graph."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+    calibration, scales and lowering stages, which all see the same graph. It runs on
+    ``without_large_weights(model)`` (weights as typed inputs: their shapes, not their bytes), whose
+    extra inputs are left out here."""
+    inferred = onnx.shape_inference.infer_shapes(without_large_weights(model)).graph
+    inputs = list(inferred.input)[:len(model.graph.input)]
     shapes, types = {}, {}
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+    for vi in inputs + list(inferred.value_info) + list(inferred.output):
         dims = vi.type.tensor_type.shape.dim
         if all(d.HasField("dim_value") for d in dims):
             shapes[vi.name] = tuple(d.dim_value for d in dims)
@@ -334,10 +337,13 @@ class Lowering(ShapeOpLowering, ArithmeticOpLowering, FloatFallbackLowering):
             qp_b = ctx.qparams[group.bias]
             bias_dtype = qp_b.dtype
             bias = quantize_constant(ctx.index.constant(group.bias).reshape(-1), qp_b).astype(np.int64)
-        w_centered = weight_ir.astype(np.int64) - qp_w.zero_point.reshape(-1, *[1] * (weight_ir.ndim - 1))
-        w_sum = w_centered.reshape(out_channels, -1).sum(axis=1)
+        # q_w - zp_w of 8/16-bit weights fits int32 (|.| <= 2^16); sums are int64, so exact either way
+        narrow = np.int32 if weight_ir.dtype.itemsize <= 2 else np.int64
+        zp_w = qp_w.zero_point.astype(narrow).reshape(-1, *[1] * (weight_ir.ndim - 1))
+        w_centered = weight_ir.astype(narrow) - zp_w
         zp_x = int(qp_x.zero_point[0])
         if zp_x != 0:
+            w_sum = w_centered.reshape(out_channels, -1).sum(axis=1, dtype=np.int64)
             bias = bias - zp_x * w_sum
             attrs = dict(attrs, input_zero_point_folded=1)
             lo, hi = DTYPE_RANGES[bias_dtype]
@@ -349,7 +355,7 @@ class Lowering(ShapeOpLowering, ArithmeticOpLowering, FloatFallbackLowering):
         params.update(self._requant_params(group, ratio, preset.layer_multiplier_bits(qp_x.dtype, qp_w.dtype)))
         params.update(self._clamp_params(group, qp_y, group.activation))
         x_max = max(abs(qp_x.qmin - zp_x), abs(qp_x.qmax - zp_x), abs(qp_x.qmin), abs(qp_x.qmax))
-        acc_bound = np.abs(w_centered).reshape(out_channels, -1).sum(axis=1) * x_max + np.abs(bias)
+        acc_bound = np.abs(w_centered).reshape(out_channels, -1).sum(axis=1, dtype=np.int64) * x_max + np.abs(bias)
         acc_dtype = self._check_accumulator(group, acc_bound, params)
         return self._layer(group, op, attrs=attrs, params=params, acc_dtype=acc_dtype,
                            rounding=ctx.target.requant_rounding)

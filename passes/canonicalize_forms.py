@@ -55,10 +55,13 @@ class SimplifyCasts(GraphPass):
 
     def apply(self, model: onnx.ModelProto) -> PassResult:
         graph = model.graph
+        casts = [n for n in graph.node if n.op_type == "Cast"]
+        if not casts:  # (nothing to do: skip the shape inference)
+            return PassResult(model, False, [])
         info, _ = infer_tensor_info(model)
         index = GraphIndex(graph)
         removed, bypassed = [], []
-        for node in [n for n in graph.node if n.op_type == "Cast"]:
+        for node in casts:
             src = info.get(node.input[0])
             to = int(get_attr(node, "to"))
             if src is not None and src.elem_type == to and node.output[0] not in index.graph_outputs:
@@ -86,11 +89,14 @@ class MatMulAddToGemm(GraphPass):
 
     def apply(self, model: onnx.ModelProto) -> PassResult:
         graph = model.graph
+        matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+        if not matmuls:  # (nothing to do: skip the shape inference)
+            return PassResult(model, False, [])
         info, _ = infer_tensor_info(model)
         index = GraphIndex(graph)
         taken = all_names(graph)
         fused, skipped, doomed = [], [], []
-        for mm in [n for n in graph.node if n.op_type == "MatMul"]:
+        for mm in matmuls:
             readers = index.consumers.get(mm.output[0], [])
             if len(readers) != 1 or readers[0].op_type != "Add" or mm.output[0] in index.graph_outputs:
                 continue
@@ -160,11 +166,14 @@ class PReluSlopePerChannel(GraphPass):
 
     def apply(self, model: onnx.ModelProto) -> PassResult:
         graph = model.graph
+        prelus = [n for n in graph.node if n.op_type == "PRelu"]
+        if not prelus:  # (nothing to do: skip the shape inference)
+            return PassResult(model, False, [])
         info, _ = infer_tensor_info(model)
         index = GraphIndex(graph)
         taken = all_names(graph)
         fixed = []
-        for node in [n for n in graph.node if n.op_type == "PRelu"]:
+        for node in prelus:
             x, slope = info.get(node.input[0]), index.constant(node.input[1])
             if x is None or not x.static or slope is None or slope.ndim != 1 or len(x.shape) < 3:
                 continue

@@ -157,8 +157,15 @@ def all_names(graph: onnx.GraphProto) -> set[str]:
 # --- additions for the cleanup, folding and fusion passes -------------------------------------
 
 
+# The standard ops whose schemas take graph attributes; any other standard op holding one fails
+# the ONNX checker, so only these (and ops of other domains) need their attributes searched.
+_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    """The graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
+    """The graphs held in a node's attributes (If branches, Loop/Scan/SequenceMap bodies)."""
+    if node.op_type not in _SUBGRAPH_OPS and node.domain in ("", "ai.onnx"):
+        return []  # (called for every node by GraphIndex: skip the attribute scan)
     found: list[onnx.GraphProto] = []
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
@@ -236,33 +243,58 @@ def nodes_by_name(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {n.name: n for n in graph.node if n.name}
 
 
+_RAW_DTYPES = {np.dtype(t): onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t)) for t in (
+    np.float32, np.float64, np.float16, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32,
+    np.int64, np.uint64, np.bool_)}
+
+
 def add_initializer(model: onnx.ModelProto, name: str, value: np.ndarray | onnx.TensorProto) -> onnx.TensorProto:
     """Add an initializer (models of IR version < 4 also list it as a graph input, as the
     checker requires there)."""
-    if isinstance(value, onnx.TensorProto):
-        tensor = onnx.TensorProto()
-        tensor.CopyFrom(value)
+    array = None if isinstance(value, onnx.TensorProto) else np.asarray(value)
+    if array is not None and array.dtype in _RAW_DTYPES:
+        # numpy_helper.from_array's tensor, built in its place (appending a built tensor copies it)
+        tensor = model.graph.initializer.add()
+        tensor.dims.extend(array.shape)
         tensor.name = name
+        tensor.data_type = _RAW_DTYPES[array.dtype]
+        tensor.raw_data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
     else:
-        tensor = numpy_helper.from_array(np.asarray(value), name)
-    model.graph.initializer.append(tensor)
+        if array is None:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = name
+        else:
+            tensor = numpy_helper.from_array(array, name)
+        model.graph.initializer.append(tensor)
+        tensor = model.graph.initializer[-1]
     if model.ir_version and model.ir_version < 4:
         model.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
     return tensor
 
 
 def remove_initializers(model: onnx.ModelProto, names: set[str]) -> None:
-    """Remove initializers (dense and sparse) and their graph-input entries, if any."""
+    """Remove initializers (dense and sparse) and their graph-input entries, if any. Entries are
+    deleted where they stand: rebuilding the list (``del [:]`` then ``extend``) would copy every
+    surviving weight, the whole model's data for one removed tensor."""
+    if not names:
+        return
     graph = model.graph
-    keep = [i for i in graph.initializer if i.name not in names]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    keep_sparse = [i for i in graph.sparse_initializer if i.values.name not in names]
-    del graph.sparse_initializer[:]
-    graph.sparse_initializer.extend(keep_sparse)
-    keep_inputs = [i for i in graph.input if i.name not in names]
-    del graph.input[:]
-    graph.input.extend(keep_inputs)
+    delete_where(graph.initializer, lambda i: i.name in names)
+    delete_where(graph.sparse_initializer, lambda i: i.values.name in names)
+    delete_where(graph.input, lambda i: i.name in names)
+
+
+def delete_where(container, doomed) -> int:
+    """Delete the entries of a repeated protobuf field for which ``doomed(entry)`` is true, in
+    place and in order (the survivors are not copied, and references to them stay valid);
+    returns how many were deleted."""
+    count = 0
+    for i in reversed(range(len(container))):
+        if doomed(container[i]):
+            del container[i]
+            count += 1
+    return count
 
 
 class TensorInfo:
@@ -287,7 +319,7 @@ class TensorInfo:
         return f"TensorInfo({onnx.TensorProto.DataType.Name(self.elem_type)}, {self.shape})"
 
 
-def _without_large_weights(model: onnx.ModelProto, max_elements: int = 1024) -> onnx.ModelProto:
+def without_large_weights(model: onnx.ModelProto, max_elements: int = 1024) -> onnx.ModelProto:
     """A copy for shape inference in which large initializers are graph inputs of the same type
     and shape: inference needs their shapes, not their values (only small integer tensors such as
     Reshape targets feed data propagation), and copying weights dominates its cost."""
@@ -301,6 +333,7 @@ def _without_large_weights(model: onnx.ModelProto, max_elements: int = 1024) -> 
     dst.input.extend(src.input)
     dst.output.extend(src.output)
     dst.value_info.extend(src.value_info)
+    dst.sparse_initializer.extend(src.sparse_initializer)
     declared = {i.name for i in src.input}
     for init in src.initializer:
         if int(np.prod(init.dims, dtype=np.int64)) <= max_elements:
@@ -318,9 +351,9 @@ def infer_tensor_info(model: onnx.ModelProto) -> tuple[dict[str, TensorInfo], st
     only what the model declares and ``error`` says why."""
     error = None
     try:
-        light = _without_large_weights(model)
+        light = without_large_weights(model)
         inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
-    except Exception as exc:  # inference is best effort; the caller reports the reason
+    except Exception as exc:  # noqa: BLE001 (inference is best effort; the caller reports the reason)
         inferred, error = model, f"shape inference failed: {exc}".splitlines()[0]
     g = inferred.graph
     info: dict[str, TensorInfo] = {}
@@ -352,9 +385,4 @@ def drop_stale_value_info(graph: onnx.GraphProto) -> int:
     return how many were dropped."""
     existing = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
     existing |= {i.name for i in graph.initializer}
-    keep = [vi for vi in graph.value_info if vi.name in existing]
-    dropped = len(graph.value_info) - len(keep)
-    if dropped:
-        del graph.value_info[:]
-        graph.value_info.extend(keep)
-    return dropped
+    return delete_where(graph.value_info, lambda vi: vi.name not in existing)

@@ -28,12 +28,14 @@ Q reads (for non-input tensors), used by tests to compare layer by layer.
 """
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from .base import GraphPass, PassResult
-from .graph import GraphIndex, all_names, opset_version, replace_all_uses
+from .graph import GraphIndex, all_names, delete_where, opset_version, replace_all_uses
 from .layer_plan import LayerPlan
 from .qparams import QParams, QParamTable, quantize_constant
 
@@ -182,14 +184,16 @@ class InsertQDQ(GraphPass):
             quantized_constants += [q_init] + inits
             new_nodes.append(helper.make_node("DequantizeLinear", [q_init.name, inits[0].name, inits[1].name],
                                               [tensor], name=f"{tensor}_DequantizeLinear", **attrs))
-        # The float constants are replaced by their integer forms (one rebuild: a per-constant
-        # rebuild of the initializer list is quadratic in the number of weights).
+        # The float constants are replaced by their integer forms (deleted where they stand, so
+        # the initializers that stay are not copied again).
         replaced = set(constants)
-        keep = [i for i in graph.initializer if i.name not in replaced]
-        del graph.initializer[:]
-        graph.initializer.extend(keep + quantized_constants)
+        delete_where(graph.initializer, lambda i: i.name in replaced)
+        graph.initializer.extend(quantized_constants)
         # Place each DQ/Q right after its producer: a topological order onnxruntime accepts.
-        ordered = _topological(list(graph.node) + new_nodes, {i.name for i in graph.initializer} | inputs)
+        try:
+            ordered = _topological(list(graph.node) + new_nodes)
+        except ValueError as exc:
+            raise self.fail(str(exc)) from None
         del graph.node[:]
         graph.node.extend(ordered)
         del graph.value_info[:]
@@ -198,18 +202,33 @@ class InsertQDQ(GraphPass):
                                                   f"quantized {n_const} weights/biases (DQ)"])
 
 
-def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
-    """Kahn's order over tensor dependencies, stable with respect to the given order."""
-    import networkx as nx
-
-    g = nx.DiGraph()
-    producer = {}
+def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """Kahn's order over tensor dependencies, stable with respect to the given order: of the nodes
+    whose inputs are all produced, the earliest in ``nodes`` comes next (the lexicographic
+    topological order of the node positions)."""
+    producer: dict[str, int] = {}
     for i, node in enumerate(nodes):
-        g.add_node(i)
         for out in node.output:
             producer[out] = i
+    readers: list[set[int]] = [set() for _ in nodes]
+    waiting = [0] * len(nodes)  # distinct producers each node still waits for
     for i, node in enumerate(nodes):
         for inp in node.input:
-            if inp and inp in producer:
-                g.add_edge(producer[inp], i)
-    return [nodes[i] for i in nx.lexicographical_topological_sort(g)]
+            p = producer.get(inp) if inp else None
+            if p is not None and i not in readers[p]:
+                readers[p].add(i)
+                waiting[i] += 1
+    ready = [i for i, n in enumerate(waiting) if n == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for r in readers[i]:
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    if len(order) != len(nodes):
+        stuck = [nodes[i].name or nodes[i].op_type for i in range(len(nodes)) if waiting[i]]
+        raise ValueError(f"the QDQ graph has a cycle through {stuck[:5]}")
+    return [nodes[i] for i in order]

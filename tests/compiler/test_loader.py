@@ -538,3 +538,102 @@ def test_parse_input_shape(text, expected):
 def test_parse_input_shape_rejects_bad_syntax(text):
     with pytest.raises(CompileError, match=r"--input-shape '.*'"):
         parse_input_shape(text)
+
+
+# ------------------------------------------------------------ the same checks, without copies
+
+
+def _big_model() -> onnx.ModelProto:
+    """Conv with a 4608-weight kernel, a Shape -> Gather -> Concat -> Reshape flatten (the target
+    comes from data propagation), a MatMul with a 2560-element weight stored as float_data, a
+    sparse initializer nothing reads, and doc strings / metadata on the model."""
+    rng = np.random.default_rng(7)
+    w = numpy_helper.from_array(rng.standard_normal((32, 16, 3, 3)).astype(np.float32), "w")
+    fc = helper.make_tensor("fc", TensorProto.FLOAT, [512, 5],
+                            rng.standard_normal(2560).astype(np.float32).tolist())  # float_data, not raw
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("MaxPool", ["c"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Shape", ["p"], ["s"], name="shape"),
+        helper.make_node("Gather", ["s", "zero"], ["n"], name="gather", axis=0),
+        helper.make_node("Unsqueeze", ["n", "axes"], ["n1"], name="unsqueeze"),
+        helper.make_node("Concat", ["n1", "minus1"], ["target"], name="concat", axis=0),
+        helper.make_node("Reshape", ["p", "target"], ["flat"], name="flatten"),
+        helper.make_node("MatMul", ["flat", "fc"], ["y"], name="fc"),
+    ]
+    inits = [w, fc, numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array([0], np.int64), "axes"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus1")]
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits,
+                              doc_string="a graph doc string")
+    graph.sparse_initializer.append(helper.make_sparse_tensor(
+        numpy_helper.from_array(np.ones(3, np.float32), "sp"),
+        numpy_helper.from_array(np.array([0, 5, 9], np.int64), "sp_idx"), [10]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], doc_string="model doc " * 50,
+                              producer_name="test")
+    helper.set_model_props(model, {"author": "qlower tests", "notes": "x" * 300})
+    return model
+
+
+def test_size_bound_is_above_the_serialized_size_and_close_to_it():
+    model = _big_model()
+    exact = model.ByteSize()
+    bound = loader._size_bound(model)
+    assert exact <= bound <= exact + 200  # one raw tensor over 4 KB: 16 + 64 + 11 * 4 bytes of slack
+    small = _mlp()
+    assert loader._size_bound(small) == small.ByteSize()  # nothing large: measured exactly
+
+
+def test_size_check_uses_the_bound(monkeypatch):
+    model = _big_model()
+    monkeypatch.setattr(loader, "_MAX_PROTO_BYTES", model.ByteSize() - 1)
+    with pytest.raises(CompileError, match="larger than 2 GB"):
+        load_model(model, batch_size=1)
+    monkeypatch.setattr(loader, "_MAX_PROTO_BYTES", loader._size_bound(model))
+    assert load_model(model, batch_size=1).model.graph.node
+
+
+def test_shapes_match_strict_inference_on_the_whole_model(tmp_path):
+    model = _big_model()
+    loaded = load_model(_save(model, tmp_path / "big.onnx"), batch_size=2)
+    # the reference: onnx's own strict inference (with data propagation) on the whole model,
+    # weights included, with the batch fixed by hand
+    whole = onnx.ModelProto()
+    whole.CopyFrom(model)
+    whole.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    whole = onnx.shape_inference.infer_shapes(whole, check_type=True, strict_mode=True, data_prop=True)
+    assert [v.SerializeToString() for v in loaded.model.graph.value_info] == \
+        [v.SerializeToString() for v in whole.graph.value_info]
+    assert loaded.model.graph.output[0].SerializeToString() == whole.graph.output[0].SerializeToString()
+    assert [d.dim_value for d in loaded.model.graph.output[0].type.tensor_type.shape.dim] == [2, 5]
+    # the weights are the file's, byte for byte
+    assert [i.SerializeToString() for i in loaded.model.graph.initializer] == \
+        [i.SerializeToString() for i in model.graph.initializer]
+    x = RNG.standard_normal((2, 16, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(_run(loaded.model, {"x": x})[0], _run(model, {"x": x})[0])
+
+
+def test_checker_reads_the_file_bytes_unless_the_model_changed(tmp_path, monkeypatch):
+    seen = []
+    real = onnx.checker.check_model
+
+    def spy(model, *args, **kwargs):
+        seen.append(type(model).__name__)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.checker, "check_model", spy)
+    path = _save(_mlp(("N", 3)), tmp_path / "plain.onnx")
+    load_model(path, batch_size=1)
+    assert seen == ["bytes"]
+    with open(path, "rb") as f:
+        assert onnx.load_model_from_string(f.read()) == onnx.load_model(path)
+    # external data read into the model: the file no longer describes it, the model is checked
+    model = _mlp(("N", 3))
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    onnx.save_model(model, str(ext / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    seen.clear()
+    load_model(str(ext / "m.onnx"), batch_size=1)
+    assert seen == ["ModelProto"]

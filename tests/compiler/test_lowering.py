@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from compiler.errors import CompileError
 from compiler.lowering import (
@@ -13,6 +13,7 @@ from compiler.lowering import (
     clamp_bounds,
     explicit_pads,
     shared_shift_multipliers,
+    static_value_info,
 )
 from passes.graph import GraphIndex
 from passes.qparams import QParams
@@ -69,3 +70,24 @@ def test_accumulator_overflow_is_refused_at_compile_time():
     with pytest.raises(CompileError, match="overflows int64"):
         lowering._check_accumulator(group, np.array([2.0**33]), params)
     assert lowering._check_accumulator(group, np.array([1000.0]), params) == "int32"
+
+
+def test_static_value_info_matches_inference_on_the_whole_model():
+    """Inference on the light view (weights as typed inputs) gives the whole model's shapes and
+    types, and no entries for the weights themselves."""
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Reshape", ["c", "target"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "fc"], ["y"], name="fc", transB=1)]
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([1, -1], np.int64), "target"),
+             numpy_helper.from_array(rng.standard_normal((10, 8 * 6 * 6)).astype(np.float32), "fc")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    shapes, types = static_value_info(model)
+    whole = onnx.shape_inference.infer_shapes(model).graph
+    expected = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
+                for v in list(whole.input) + list(whole.value_info) + list(whole.output)}
+    assert shapes == expected == {"x": (1, 3, 8, 8), "c": (1, 8, 6, 6), "flat": (1, 288), "y": (1, 10)}
+    assert types == dict.fromkeys(expected, onnx.TensorProto.FLOAT)

@@ -68,3 +68,20 @@ def test_weights_never_saturate(target):
     qp = weight_qparams(w, 0, None, 0.05, target)
     q = quantize_constant(w, qp).astype(np.int64)
     assert np.abs(q).max() <= 127
+
+
+@pytest.mark.parametrize("axis, shape", [(0, (6, 4, 3, 3)), (1, (5, 6)), (1, (3, 6, 2, 2)), (0, (6,))])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_weight_scale_per_channel_along_any_axis(axis, shape, dtype):
+    """s_c = float32(max_i |w[c-slice]| / 127), one ulp up if float32 rounding lands below it:
+    computed here with Python floats, channel by channel."""
+    rng = np.random.default_rng(len(shape) + axis)
+    w = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-3, 2, shape)).astype(dtype)
+    qp = weight_qparams(w, axis, None, 0.05, MMAV2)
+    assert qp.axis == axis and qp.scale.shape == (shape[axis],)
+    for c in range(shape[axis]):
+        amax = max(abs(float(v)) for v in np.take(w, c, axis=axis).reshape(-1))
+        expected = np.float32(amax / 127)
+        if float(expected) < amax / 127:
+            expected = np.nextafter(expected, np.float32(np.inf))
+        assert qp.scale[c] == expected, c

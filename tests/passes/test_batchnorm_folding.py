@@ -10,6 +10,7 @@ to ~11 (var down to 0.05) outputs reach ~100, and the measured differences stay 
 relative (2e-5 absolute at 130). 1e-5 relative leaves headroom without hiding a wrong channel
 or axis, which is off by O(1).
 """
+import math
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,7 @@ def test_conv_transpose_scaling_is_per_output_channel_not_input():
     inits = [init("w", w), init("bn_gamma", gamma), init("bn_beta", beta), init("bn_mean", mean), init("bn_var", var)]
     model = make_model(nodes, [("x", [1, 4, 2, 2])], [("y", [1, 6, 2, 2])], inits)
     out = fold(model).model
-    new_w = [i for i in out.graph.initializer if i.name == node(out, "deconv").input[1]][0]
+    new_w = next(i for i in out.graph.initializer if i.name == node(out, "deconv").input[1])
     s = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + 1e-5)
     expected = w.astype(np.float64).copy()
     expected[:2] *= s[:3].reshape(1, 3, 1, 1)
@@ -351,3 +352,78 @@ def test_pytorch_converted_opset6_bn_matches_reference_output(case):
     expected = numpy_helper.to_array(onnx.load_tensor(str(folder / "test_data_set_0" / "output_0.pb")))
     got = run(result.model, {result.model.graph.input[0].name: x})[0]
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", ["conv", "gemm", "gemm_transb", "matmul"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_folded_weights_are_the_float64_product_rounded_once(kind, dtype):
+    # Exactly float(float64(W) * s) and float(float64(b) * s + t) in the weight's type, s and t
+    # in float64: computed here element by element in Python floats (IEEE doubles).
+    rng = np.random.default_rng(60)
+    c, k = 5, 4
+    shapes = {"conv": (c, k, 3, 3), "gemm": (k, c), "gemm_transb": (c, k), "matmul": (k, c)}
+    w = (rng.standard_normal(shapes[kind]) * 10.0 ** rng.uniform(-3, 3, shapes[kind])).astype(dtype)
+    b = rng.standard_normal(c).astype(dtype)
+    gamma, beta, mean, var = bn_stats(rng, c)
+    if kind == "conv":
+        layer = helper.make_node("Conv", ["x", "w", "b"], ["p"], name="layer")
+        x_shape, y_shape = [1, k, 3, 3], [1, c, 1, 1]
+    elif kind == "matmul":
+        layer = helper.make_node("MatMul", ["x", "w"], ["p"], name="layer")
+        x_shape, y_shape = [2, k], [2, c]
+    else:
+        layer = helper.make_node("Gemm", ["x", "w", "b"], ["p"], name="layer", transB=int(kind == "gemm_transb"))
+        x_shape, y_shape = [2, k], [2, c]
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    stats = [init(f"bn_{n}", v.astype(dtype)) for n, v in zip(("gamma", "beta", "mean", "var"), (gamma, beta, mean, var))]
+    model = make_model([layer, bn_node("bn", "p", "y")], [vi("x", x_shape, elem)], [vi("y", y_shape, elem)],
+                       [init("w", w), init("b", b)] + stats)
+    out = FoldBatchNorm()(model).model
+    folded = node(out, "layer")
+    values = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    new_w, new_b = values[folded.input[1]], values[folded.input[2]]
+    g64, b64, m64, v64 = (float_list(v.astype(dtype)) for v in (gamma, beta, mean, var))
+    s = [g / math.sqrt(v + 1e-5) for g, v in zip(g64, v64)]
+    t = [bb - m * ss for bb, m, ss in zip(b64, m64, s)]
+    channel_axis = 1 if kind in ("gemm", "matmul") else 0
+    expected_w = np.empty(w.shape, dtype)
+    for idx in np.ndindex(w.shape):
+        expected_w[idx] = float(w[idx]) * s[idx[channel_axis]]
+    bias = float_list(b) if kind != "matmul" else [0.0] * c
+    expected_b = np.array([bb * ss + tt if kind != "matmul" else tt for bb, ss, tt in zip(bias, s, t)], dtype)
+    assert new_w.dtype == dtype and new_b.dtype == dtype
+    np.testing.assert_array_equal(new_w, expected_w)
+    np.testing.assert_array_equal(new_b, expected_b)
+
+
+def float_list(values: np.ndarray) -> list[float]:
+    return [float(v) for v in values.reshape(-1)]
+
+
+def test_one_run_folds_chains_through_replaced_and_converted_nodes():
+    # bn_in reads the graph input (replaced by a depthwise Conv) and bn_after folds into that
+    # Conv; mm's MatMul becomes a Gemm and the next BatchNormalization folds into the Gemm too;
+    # bn_a and bn_b share the Conv output (both replaced); the Conv keeps its output.
+    rng = np.random.default_rng(81)
+    nodes = [bn_node("bn_in", "x", "xn"), bn_node("bn_after", "xn", "xa"),
+             helper.make_node("Conv", ["xa", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             bn_node("bn_a", "c", "ya"), bn_node("bn_b", "c", "yb"),
+             helper.make_node("MatMul", ["v", "m"], ["mm"], name="fc"), bn_node("bn_m1", "mm", "m1"),
+             bn_node("bn_m2", "m1", "m2")]
+    inits = ([init("w", rand(rng, 4, 3, 3, 3)), init("m", rand(rng, 6, 5))] + bn_inits(rng, "bn_in", 3)
+             + bn_inits(rng, "bn_after", 3) + bn_inits(rng, "bn_a", 4) + bn_inits(rng, "bn_b", 4)
+             + bn_inits(rng, "bn_m1", 5) + bn_inits(rng, "bn_m2", 5))
+    model = make_model(nodes, [("x", [1, 3, 5, 5]), ("v", [2, 6])],
+                       [("ya", [1, 4, 5, 5]), ("yb", [1, 4, 5, 5]), ("m2", [2, 5])], inits)
+    result = fold(model)
+    out = result.model
+    assert ops(out) == ["Conv", "Conv", "Conv", "Conv", "Gemm"]
+    assert [get_meta(n, "folded_batchnorm") for n in out.graph.node] == ["bn_after", None, "bn_a", "bn_b", "bn_m2"]
+    assert result.changes[0] == "folded 3 BatchNormalization (1 into Conv, 1 into Gemm, 1 into MatMul)"
+    assert [c.split(":")[0] for c in result.changes[1:]] == [
+        "BatchNormalization 'bn_in' -> depthwise 1x1 Conv", "BatchNormalization 'bn_a' -> depthwise 1x1 Conv",
+        "BatchNormalization 'bn_b' -> depthwise 1x1 Conv"]
+    read = {i for n in out.graph.node for i in n.input} - {o for n in out.graph.node for o in n.output}
+    assert {i.name for i in out.graph.initializer} == read - {"x", "v"}  # nothing stale is left
+    feeds = {"x": rand(rng, 1, 3, 5, 5), "v": rand(rng, 2, 6)}
+    assert_same_outputs(model, out, feeds, rtol=RTOL, atol=ATOL)

@@ -4,6 +4,7 @@ The pipeline folds BatchNormalization (float32 weights from float64 arithmetic),
 tolerance is BatchNorm folding's: rtol 1e-5, atol 1e-5 (see test_batchnorm_folding.py).
 """
 import numpy as np
+import onnx
 from graphs import (
     assert_same_outputs,
     bn_inits,
@@ -106,3 +107,47 @@ def test_run_default_pipeline_honours_max_rounds_and_instruments():
     n = len(default_passes())
     assert len(result.records) == n and recorder.finished == n
     assert recorder.after == [p.name for p in default_passes()]
+
+
+class RenamesFirstNode(GraphPass):
+    name = "rename_first"
+
+    def apply(self, model):
+        model.graph.node[0].name = "renamed"
+        return PassResult(model, False, [])
+
+
+def test_a_pass_copies_its_input_unless_asked_to_work_in_place():
+    model, _ = small_net()
+    before = model.SerializeToString()
+    copied = RenamesFirstNode()(model)
+    assert copied.model is not model and copied.model.graph.node[0].name == "renamed"
+    assert model.SerializeToString() == before
+    edited = RenamesFirstNode()(model, in_place=True)
+    assert edited.model is model and model.graph.node[0].name == "renamed"
+
+
+class SnapshotInstrument(Instrument):
+    """Serializes the model it is shown at once, as DumpInstrument writes its file."""
+
+    def __init__(self):
+        self.snapshots = []
+
+    def after_pass(self, record, model):
+        self.snapshots.append((record.name, model.SerializeToString()))
+
+
+def test_pipeline_leaves_its_input_alone_and_instruments_see_each_pass_result():
+    model, feeds = small_net()
+    before = model.SerializeToString()
+    snap = SnapshotInstrument()
+    result = run_default_pipeline(model, instruments=(snap,))
+    assert model.SerializeToString() == before  # one copy up front; the passes edit that copy
+    assert result.model is not model
+    # Each snapshot is the model right after its pass: BatchNorm present before folding, gone after.
+    names = [n for n, _ in snap.snapshots]
+    fold = names.index("fold_batchnorm")
+    ops_at = [[n.op_type for n in onnx.load_model_from_string(data).graph.node] for _, data in snap.snapshots]
+    assert "BatchNormalization" in ops_at[fold - 1] and "BatchNormalization" not in ops_at[fold]
+    assert snap.snapshots[-1][1] == result.model.SerializeToString()
+    assert_same_outputs(model, result.model, feeds, rtol=1e-5, atol=1e-5)
