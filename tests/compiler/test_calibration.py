@@ -5,7 +5,10 @@ caught although onnxruntime's ReduceMin/ReduceMax skip it; memory that does not 
 number of samples; power-of-2 exponents chosen by brute-force MSE."""
 from __future__ import annotations
 
+import threading
+import time
 import tracemalloc
+import weakref
 
 import numpy as np
 import onnx
@@ -13,11 +16,14 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from compiler import calibration
 from compiler import range_estimators as est
 from compiler.calibration import (
     AbsHistogram,
     MinMaxObserver,
     TensorRange,
+    _copy_with_weights_in_memory,
+    _Overlap,
     collect_ranges,
     default_qmax,
     estimate_range,
@@ -135,10 +141,13 @@ def test_histogram_methods_equal_estimator_on_independent_histogram(case, method
         assert r.histogram.bin_width == w
         qmax = 255 if x.min() >= 0 else 127
         assert r.qmax == qmax
-        assert r.histogram.zeros == np.count_nonzero(x == 0)
-        if method == "percentile":
+        if method == "percentile":  # the percentile does not read the zero count: not counted
+            assert r.histogram.zeros is None
+            with pytest.raises(ValueError, match="count_zeros=False"):
+                estimate_range(r.histogram, "mse", qmax)
             threshold = est.percentile_threshold(counts, w, 99.99)
         else:  # exact zeros are exact on any grid: the error-based methods leave them out
+            assert r.histogram.zeros == np.count_nonzero(x == 0)
             nonzero = counts.copy()
             nonzero[0] -= np.count_nonzero(x == 0)
             threshold = (est.entropy_threshold(nonzero, w, qmax + 1) if method == "entropy"
@@ -151,6 +160,25 @@ def test_histogram_methods_equal_estimator_on_independent_histogram(case, method
             assert (wide.min, wide.max) == (float(x.min()), float(x.max()))
         if method == "percentile":
             assert wide == r
+
+
+@pytest.mark.parametrize("cpus", [1, 3])
+def test_concurrent_runs_change_nothing(case, cpus, monkeypatch):
+    """One run at a time (1 CPU) or two concurrent runs with 1 thread each (3 CPUs) give the
+    same ranges and histograms as this machine's setting, batch after batch in sample order."""
+    model, samples, names, _ = case
+    data = load_calibration(samples, model_input_specs(model))
+    here = {m: collect_ranges(model, names, data, method=m, batch_size=3) for m in ("minmax", "mse")}
+    monkeypatch.setattr(calibration, "_usable_cpus", lambda: cpus)
+    session = calibration._CalibrationSession(model, names[1:], 1, False)
+    assert session.concurrent_runs == (1 if cpus == 1 else 2)
+    for method, expected in here.items():
+        got = collect_ranges(model, names, data, method=method, batch_size=3)
+        for name in names:
+            assert got[name] == expected[name], (method, name)
+            if method == "mse":
+                np.testing.assert_array_equal(got[name].histogram.counts, expected[name].histogram.counts)
+                assert got[name].histogram.zeros == expected[name].histogram.zeros
 
 
 def test_batching_does_not_change_histograms(case):
@@ -237,6 +265,143 @@ def test_hard_coded_batch_one_needs_batch_size_one():
         collect_ranges(model, ["y"], data, batch_size=2)
 
 
+def test_error_on_an_early_batch_names_its_samples():
+    """With a histogram method batch k is counted on a worker thread while batch k + 1 runs:
+    an error on an early batch still names that batch, and no worker thread is left behind."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    model = _tiny([helper.make_node("Log", ["x"], ["logx"], name="log")], [x],
+                  [helper.make_tensor_value_info("logx", TensorProto.FLOAT, [1, 4])])
+    values = np.array([[1, 2, 3, 4], [1, 0, 2, 3], [1, 2, 3, 4], [1, 2, 3, 4]], np.float32)
+    data = load_calibration({"x": values}, model_input_specs(model))
+    threads = threading.active_count()
+    for method in ("percentile", "entropy"):
+        with pytest.raises(CompileError, match=r"tensor 'logx' on calibration samples 1\.\.1: "
+                                               r"1 non-finite"):
+            collect_ranges(model, ["logx"], data, method=method)
+    assert threading.active_count() == threads
+
+
+def test_overlap_keeps_order_errors_and_two_batches():
+    """``_Overlap``: calls in submission order; after ``submit(k)`` returns, batch k - 2's
+    arguments are released (memory bounded by two batches); an error surfaces at the next
+    ``submit`` or on leaving the block."""
+    class Batch:
+        def __init__(self, i):
+            self.i = i
+
+    seen, refs = [], []
+
+    def work(batch):
+        time.sleep(0.01 if batch.i == 0 else 0)
+        seen.append(batch.i)
+
+    with _Overlap() as overlap:
+        for i in range(5):
+            batch = Batch(i)
+            refs.append(weakref.ref(batch))
+            overlap.submit(work, batch)
+            del batch
+            if i >= 2:
+                assert refs[i - 2]() is None, i
+    assert seen == [0, 1, 2, 3, 4]
+
+    def fail(batch):
+        if batch.i == 1:
+            raise ValueError("batch one")
+
+    with pytest.raises(ValueError, match="batch one"), _Overlap() as overlap:
+        for i in range(4):
+            overlap.submit(fail, Batch(i))
+    with pytest.raises(ValueError, match="batch one"), _Overlap() as overlap:  # raised on exit
+        for i in range(2):
+            overlap.submit(fail, Batch(i))
+    inline = []
+    with _Overlap(enabled=False) as overlap:
+        overlap.submit(inline.append, 7)
+        assert inline == [7]  # ran before submit returned
+
+
+class _RefillingData:
+    """A data set whose ``batches`` refills one buffer for every batch (as a loader reusing its
+    memory may), so a batch's feed changes as soon as the next batch is read."""
+
+    origin = "a refilled buffer"
+
+    def __init__(self, samples):
+        self.samples, self.num_samples, self.input_names = samples, len(samples), ["x"]
+
+    def batches(self, batch_size=1):
+        buffer = np.empty((1,) + self.samples.shape[1:], self.samples.dtype)
+        for sample in self.samples:
+            buffer[0] = sample
+            yield {"x": buffer}
+        buffer[...] = 1e6  # what a late reader of the last batch would see
+
+
+def test_results_unaffected_by_a_refilled_feed_buffer():
+    """Batch k is still being run (concurrent runs) or counted (the histogram worker) when batch
+    k + 1 is read: each batch's feeds are copied first, so the graph input's histogram is
+    np.histogram's over all samples and every range is onnxruntime's on all samples at once."""
+    model = _dense_net()
+    samples = np.random.default_rng(10).normal(0, 1, (8, 64)).astype(np.float32)
+    reference = dict(zip(["r", "out"], _run_all_at_once(model, ["r", "out"], {"x": samples})))
+    x = collect_ranges(model, ["x", "r"], _RefillingData(samples), method="percentile")["x"]
+    np.testing.assert_array_equal(x.histogram.counts, _abs_histogram(samples)[0])
+    assert (x.histogram.min, x.histogram.max) == (samples.min(), samples.max())
+    ranges = collect_ranges(model, ["x", "r", "out"], _RefillingData(samples))
+    assert ranges["x"] == TensorRange(float(samples.min()), float(samples.max()), "minmax")
+    for name, values in reference.items():
+        assert ranges[name] == TensorRange(float(values.min()), float(values.max()), "minmax")
+
+
+def _dense_net():
+    """x (1, 64) -> MatMul w1 (64 x 128 float32, 32 KB) -> Add b (128 floats) -> Relu -> MatMul
+    w2 (128 x 32, 16 KB) -> Reshape [-1, 4, 8] (a 24-byte shape constant)."""
+    rng = np.random.default_rng(8)
+    inits = [onnx.numpy_helper.from_array(rng.normal(0, 0.2, (64, 128)).astype(np.float32), "w1"),
+             onnx.numpy_helper.from_array(rng.normal(0, 0.1, 128).astype(np.float32), "b"),
+             onnx.numpy_helper.from_array(rng.normal(0, 0.2, (128, 32)).astype(np.float32), "w2"),
+             onnx.numpy_helper.from_array(np.array([-1, 4, 8], np.int64), "shape")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Add", ["h", "b"], ["hb"], name="add"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
+             helper.make_node("Reshape", ["y", "shape"], ["out"], name="reshape")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 8])
+    return _tiny(nodes, [x], [out], inits)
+
+
+def test_large_weights_read_from_memory_give_onnxruntime_values():
+    """The session reads the 32 KB and 16 KB weights from memory (stubs marked external in the
+    model bytes), keeps the small constants inline, leaves the caller's model untouched, and
+    computes what onnxruntime computes on the original model: min/max exactly, and the
+    histogram np.histogram makes from those values."""
+    model = _dense_net()
+    before = model.SerializeToString()
+    copy, names, values = _copy_with_weights_in_memory(model)
+    assert names == ["w1", "w2"] and len(values) == 2
+    stubs = {i.name: i for i in copy.graph.initializer}
+    for name in names:
+        assert stubs[name].data_location == TensorProto.EXTERNAL and not stubs[name].raw_data
+        assert list(stubs[name].dims) == list(next(i for i in model.graph.initializer if i.name == name).dims)
+    assert [n.name for n in copy.graph.node] == [n.name for n in model.graph.node]
+    assert stubs["shape"] == next(i for i in model.graph.initializer if i.name == "shape")
+    assert model.SerializeToString() == before
+
+    samples = {"x": np.random.default_rng(9).normal(0, 1, (6, 64)).astype(np.float32)}
+    tensors = ["h", "r", "y", "out"]
+    reference = dict(zip(tensors, _run_all_at_once(model, tensors, samples)))
+    data = load_calibration(samples, model_input_specs(model))
+    minmax = collect_ranges(model, tensors, data)
+    percentile = collect_ranges(model, tensors, data, method="percentile")
+    for name in tensors:
+        x = reference[name]
+        assert minmax[name] == TensorRange(float(x.min()), float(x.max()), "minmax"), name
+        np.testing.assert_array_equal(percentile[name].histogram.counts, _abs_histogram(x)[0])
+    assert model.SerializeToString() == before
+
+
 def test_data_for_another_model_refused(case):
     model, _, names, _ = case
     data = load_calibration({"other": np.zeros((2, 3), np.float32)},
@@ -304,6 +469,25 @@ def test_histogram_values_on_bin_edges_exact():
     hist.update(second)
     both = np.abs(np.concatenate([first, second]))
     np.testing.assert_array_equal(hist.counts, np.histogram(both, 16, (0, 4))[0])
+
+
+def test_histogram_zero_count_and_tiny_values():
+    """``zeros`` counts +0.0 and -0.0, and no subnormal or tiny value, in every input type, in
+    batches with negative values (|x| path) and without (x read directly, -0.0 included); the
+    tiny values land in bin 0 with them. The first batch's R is itself subnormal-sized, where
+    1/w overflows the float type. ``count_zeros=False`` leaves the counts as they are."""
+    for dtype, tiny in ((np.float32, 1e-45), (np.float64, 5e-324), (np.float16, 6e-8)):
+        x = np.array([0.0, -0.0, tiny, -tiny, 0.5, -0.25, 0.0, 3.0, -0.0, tiny, 0.0, 6.5], dtype)
+        assert x[2] != 0  # the premise: the smallest subnormal of the type
+        batches = (x[:4], x[4:8], x[8:])  # the last one has no negative value but -0.0
+        hist, no_zeros = AbsHistogram(num_bins=16), AbsHistogram(num_bins=16, count_zeros=False)
+        for batch in batches:
+            hist.update(batch)
+            no_zeros.update(batch)
+        assert hist.zeros == 5 and no_zeros.zeros is None, dtype
+        expected, _ = np.histogram(np.abs(x.astype(np.float64)), 16, (0, hist.bound))
+        np.testing.assert_array_equal(hist.counts, expected)
+        np.testing.assert_array_equal(no_zeros.counts, expected)
 
 
 def test_histogram_float64_and_float16_inputs():
