@@ -213,7 +213,7 @@ def _cmd_inspect(args) -> int:
         return 0
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises several types for a non-ONNX file
+    except Exception as exc:  # noqa: BLE001 (protobuf raises several types for a non-ONNX file)
         raise CompileError(f"'{path}' is neither a .qir program nor an ONNX model ({exc.__class__.__name__})") from None
     print(f"{path.name}: opset {[(o.domain or 'ai.onnx', o.version) for o in model.opset_import]}, "
           f"{len(model.graph.node)} nodes, {len(model.graph.initializer)} initializers")

@@ -45,8 +45,9 @@ def test_fast_and_reference_kernels_agree_end_to_end():
     for seed in range(5):
         a, ta = execute(p, feed(2, seed), raw_outputs=True, trace=True)
         b, tb = execute(p, feed(2, seed), raw_outputs=True, trace=True, kernels="reference")
-        assert ta.keys() == tb.keys()
+        assert ta.keys() == tb.keys() and a.keys() == b.keys()
         assert all(np.array_equal(ta[k], tb[k]) for k in ta)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_float_weight_copies_are_optional():
@@ -147,7 +148,7 @@ def test_run_layer_and_small_op_rules():
     for kernels in ("fast", "reference"):
         assert run_layer(p, lay, [a, b], kernels)[0].tolist() == [[2, 4, -1, 5]]
     # concat: each input requantized into the output's scale
-    lay = layer("concat", inputs=("a", "b"), attrs=dict(axis=1), multiplier=[1, 1], shift=[0, 1])
+    lay = layer("concat", inputs=("a", "b"), attrs={"axis": 1}, multiplier=[1, 1], shift=[0, 1])
     outs = [info("y", "int8", (1, 8), 1.0, 0)]
     y = run_layer(single_layer_program(lay, ins, outs), lay, [a, b])[0]
     assert y.tolist() == [[0, 1, -1, 9, 0, 1, -1, 6]]  # b - zp_b = [0, 1, -3, 11] -> >>1 half up
@@ -165,11 +166,11 @@ def test_run_layer_and_small_op_rules():
 
 
 def test_reshape_carries_the_batch():
-    lay = layer("reshape", attrs=dict(shape=[1, -1]))
+    lay = layer("reshape", attrs={"shape": [1, -1]})
     p = single_layer_program(lay, [info("x", "int8", (1, 2, 3), 1.0, 0)], [info("y", "int8", (1, 6), 1.0, 0)])
     x = np.arange(24, dtype=np.int8).reshape(4, 2, 3)
     assert run_layer(p, lay, [x])[0].shape == (4, 6)
-    lay = layer("reshape", attrs=dict(shape=[-1]))
+    lay = layer("reshape", attrs={"shape": [-1]})
     p = single_layer_program(lay, [info("x", "int8", (1, 2, 3), 1.0, 0)], [info("y", "int8", (6,), 1.0, 0)])
     assert run_layer(p, lay, [x[:1]])[0].shape == (6,)
     with pytest.raises(ProgramError, match="cannot take batch"):
@@ -339,16 +340,16 @@ def tiny_program() -> Program:
         "y": info("y", "uint8", (1, 4, 2, 2), 6 / 256, 0),
     }
     layers = [
-        Layer("conv0", "conv", ["x"], ["h"], attrs=dict(kernel_shape=[1, 1], pads=[0, 0, 0, 0], group=1),
-              params=dict(weight=np.array([1, -2, 3, -4, 5, -6, 7, -8], np.int8).reshape(4, 2, 1, 1),
-                          bias=np.array([10, -20, 30, -40], np.int32),
-                          multiplier=np.array([2**30, 1288490189, 1503238554, 1717986918], np.int32),
-                          shift=np.full(4, 30, np.int8)),
+        Layer("conv0", "conv", ["x"], ["h"], attrs={"kernel_shape": [1, 1], "pads": [0, 0, 0, 0], "group": 1},
+              params={"weight": np.array([1, -2, 3, -4, 5, -6, 7, -8], np.int8).reshape(4, 2, 1, 1),
+                          "bias": np.array([10, -20, 30, -40], np.int32),
+                          "multiplier": np.array([2**30, 1288490189, 1503238554, 1717986918], np.int32),
+                          "shift": np.full(4, 30, np.int8)},
               acc_dtype="int32", rounding="half_up", source_nodes=["Conv_0"]),
         Layer("relu6", "requantize", ["h"], ["y"],
-              params=dict(multiplier=np.array([2796203], np.int32), shift=np.array([26], np.int8),
-                          clamp_lo=np.array([0], np.int32), clamp_hi=np.array([255], np.int32),
-                          table=np.arange(-8, 8, dtype=np.int16)),
+              params={"multiplier": np.array([2796203], np.int32), "shift": np.array([26], np.int8),
+                          "clamp_lo": np.array([0], np.int32), "clamp_hi": np.array([255], np.int32),
+                          "table": np.arange(-8, 8, dtype=np.int16)},
               rounding="half_up", source_nodes=["Relu_1", "Clip_2"]),
     ]
     return Program(inputs=["x"], outputs=["y"], tensors=tensors, layers=layers, metadata={"model": "tiny"})
