@@ -244,12 +244,14 @@ def test_im2col_row_chunks_and_stacked_images(monkeypatch):
     assert np.array_equal(run_kernel(fast.KERNELS, lay, [x], ins, outs)[0], expected)
 
 
-@pytest.mark.parametrize("waste", [0, 10**9])
+@pytest.mark.parametrize(("waste", "channels_last_span"), [(0, 0), (10**9, 10**9)],
+                         ids=["whole-runs-channels-first", "output-columns-channels-last"])
 @SETTINGS
 @given(case=conv_cases())
-def test_im2col_whole_runs_and_output_columns_agree(waste, case):
+def test_conv_layouts_agree(waste, channels_last_span, case):
     """im2col either copies whole tap runs (padding columns computed, then dropped) or W_out
-    columns per row; both must give the oracle's integers on every geometry."""
+    columns per row, and depthwise convs run channels-first or (small maps) channels-last; every
+    combination must give the oracle's integers on every geometry, fused epilogues included."""
     attrs, x_shape, w_shape, xd, wd, mode, seed = case
     rng = np.random.default_rng(seed)
     x = _values(rng, xd, x_shape, mode)
@@ -257,15 +259,16 @@ def test_im2col_whole_runs_and_output_columns_agree(waste, case):
     zp_x = int(_zp(rng, xd, at_limit=mode == "max")[0])
     zp_w = _zp(rng, wd, w_shape[0])
     expected = ref.conv_accumulate(x, w, zp_x, zp_w, attrs)
-    old = fast.PITCHED_IM2COL_WASTE
-    fast.PITCHED_IM2COL_WASTE = waste  # 0: always whole runs; 10**9: W_out columns unless equal
     lay, lx, ins, outs = _conv_layer_case(rng, x_shape, w_shape, attrs, xd, wd)
     layer_expected = run_kernel(ref.KERNELS, lay, [lx], ins, outs)[0]
+    old = fast.PITCHED_IM2COL_WASTE, fast.CHANNELS_LAST_MAX_SPAN
+    fast.PITCHED_IM2COL_WASTE = waste  # 0: always whole runs; 10**9: W_out columns unless equal
+    fast.CHANNELS_LAST_MAX_SPAN = channels_last_span  # 0: never; 10**9: every depthwise conv
     try:
         assert np.array_equal(fast.conv_accumulate(x, w, zp_x, zp_w, attrs), expected)
         assert np.array_equal(run_kernel(fast.KERNELS, lay, [lx], ins, outs)[0], layer_expected)
     finally:
-        fast.PITCHED_IM2COL_WASTE = old
+        fast.PITCHED_IM2COL_WASTE, fast.CHANNELS_LAST_MAX_SPAN = old
 
 
 def test_plan_cache_follows_params_and_input_dtype():
