@@ -28,8 +28,8 @@ class Evaluation:
             f"  integer program (qlower runtime): {self.runtime_sqnr_db:6.2f} dB   top-1 agreement {self.runtime_top1:6.1%}",
             f"  QDQ model (onnxruntime):          {self.qdq_sqnr_db:6.2f} dB   top-1 agreement {self.qdq_top1:6.1%}",
             f"  integer program vs QDQ model:     {self.runtime_vs_qdq_sqnr_db:6.2f} dB",
-            f"  latency per sample: onnxruntime float {self.float_ms_per_sample:.2f} ms, "
-            f"qlower runtime {self.runtime_ms_per_sample:.2f} ms",
+            (f"  latency per sample: onnxruntime float {self.float_ms_per_sample:.2f} ms, "
+             f"qlower runtime {self.runtime_ms_per_sample:.2f} ms"),
         ])
 
 

@@ -71,7 +71,7 @@ def evaluate_node(node: onnx.NodeProto, values: dict[str, np.ndarray], model: on
             continue
         value = next(results)
         if not isinstance(value, (np.ndarray, np.generic)):
-            raise ValueError(f"output '{name}' is a {type(value).__name__}, not a tensor")
+            raise TypeError(f"output '{name}' is a {type(value).__name__}, not a tensor")
         arrays.append(np.asarray(value))
     return arrays
 
@@ -172,7 +172,7 @@ class FoldConstants(GraphPass):
         try:
             feeds = {i: value(i) for i in used}
             results = evaluate_node(node, feeds, model)
-        except Exception as exc:  # reported, not hidden: the node stays as it was
+        except Exception as exc:  # noqa: BLE001 (reported, not hidden: the node stays as it was)
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             failures.append(f"could not fold {op} '{node.name}': {reason[:200]}")
             return None

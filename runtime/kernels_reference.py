@@ -33,7 +33,7 @@ def conv_accumulate(x, w, zp_x, zp_w, attrs: dict) -> np.ndarray:
     """
     x, w = np.asarray(x), np.asarray(w)
     geo = conv_geometry(attrs, x.shape, w.shape)
-    n, c, _, _ = x.shape
+    n, _c, _, _ = x.shape
     o, cg, kh, kw = w.shape
     g = geo["group"]
     (pt, pl, pb, pr), (sh, sw), (dh, dw), (ho, wo) = geo["pads"], geo["strides"], geo["dilations"], geo["out"]

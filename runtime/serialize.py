@@ -67,28 +67,28 @@ def program_to_json(program: Program) -> tuple[dict, list[tuple[str, np.ndarray]
     tensors = []
     for name, t in sorted(program.tensors.items()):  # canonical: the table's order means nothing
         tensors.append(
-            dict(name=name, dtype=t.dtype, shape=list(t.shape), axis=t.axis,
-                 scale=arrays.add(t.scale), zero_point=arrays.add(t.zero_point))
+            {"name": name, "dtype": t.dtype, "shape": list(t.shape), "axis": t.axis,
+             "scale": arrays.add(t.scale), "zero_point": arrays.add(t.zero_point)}
         )
     layers = []
     for layer in program.layers:
         where = f"layer '{layer.name}'"
         layers.append(
-            dict(
-                name=layer.name, op=layer.op, kind=layer.kind,
-                inputs=list(layer.inputs), outputs=list(layer.outputs),
-                attrs=_json_value(dict(layer.attrs), where),
-                params={key: arrays.add(layer.params[key]) for key in sorted(layer.params)},
-                acc_dtype=layer.acc_dtype, rounding=layer.rounding,
-                source_nodes=list(layer.source_nodes),
-            )
+            {
+                "name": layer.name, "op": layer.op, "kind": layer.kind,
+                "inputs": list(layer.inputs), "outputs": list(layer.outputs),
+                "attrs": _json_value(dict(layer.attrs), where),
+                "params": {key: arrays.add(layer.params[key]) for key in sorted(layer.params)},
+                "acc_dtype": layer.acc_dtype, "rounding": layer.rounding,
+                "source_nodes": list(layer.source_nodes),
+            }
         )
-    doc = dict(
-        format=FORMAT, version=int(program.version),
-        inputs=list(program.inputs), outputs=list(program.outputs),
-        metadata=_json_value(dict(program.metadata), "metadata"),
-        tensors=tensors, layers=layers,
-    )
+    doc = {
+        "format": FORMAT, "version": int(program.version),
+        "inputs": list(program.inputs), "outputs": list(program.outputs),
+        "metadata": _json_value(dict(program.metadata), "metadata"),
+        "tensors": tensors, "layers": layers,
+    }
     return doc, arrays.members
 
 

@@ -33,7 +33,7 @@ def test_readme_example_compiles_and_reports_accuracy(tmp_path):
     argv[argv.index("--out") + 1] = str(tmp_path / "out")
     exe = shutil.which("qlower")
     cmd = [exe] + argv[1:] if exe else [sys.executable, "-m", "compiler.cli"] + argv[1:]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert "integer program (qlower runtime)" in done.stdout and " dB" in done.stdout
     assert (tmp_path / "out" / "model.qir").is_file() and (tmp_path / "out" / "model.qdq.onnx").is_file()

@@ -111,7 +111,7 @@ def test_clip_input_form_absent_bound_is_unbounded():
 def test_clip_bounds_from_constant_nodes():
     nodes = [helper.make_node("Constant", [], ["lo"], name="klo", value_float=-1.0),
              helper.make_node("Clip", ["pre", "lo"], ["y"], name="c")]
-    model, feeds = producer_graph("Gemm", nodes, opset=13)
+    model, _feeds = producer_graph("Gemm", nodes, opset=13)
     out = FuseActivations()(model).model
     assert fused_activation_of(node(out, "p")) == "c"
     assert activation_bounds(node(out, "c"), GraphIndex(out.graph)) == (-1.0, None)
@@ -131,7 +131,7 @@ def test_non_activation_bounds_is_an_error():
 def test_non_constant_clip_bounds_do_not_fuse():
     nodes = [helper.make_node("ReduceMax", ["x"], ["hi"], name="rmax", keepdims=0),
              helper.make_node("Clip", ["pre", "", "hi"], ["y"], name="c")]
-    model, feeds = producer_graph("Add", nodes, opset=13)
+    model, _feeds = producer_graph("Add", nodes, opset=13)
     result = FuseActivations()(model)
     assert not result.modified
     assert result.changes == ["Add 'p' + Clip 'c' not fused: Clip max 'hi' is not a constant"]
@@ -143,7 +143,7 @@ def test_non_constant_clip_bounds_do_not_fuse():
 def test_shared_producer_output_does_not_fuse():
     nodes = [helper.make_node("Relu", ["pre"], ["r"], name="r1"),
              helper.make_node("Add", ["r", "pre"], ["y"], name="add3")]
-    model, feeds = producer_graph("Conv", nodes)
+    model, _feeds = producer_graph("Conv", nodes)
     result = FuseActivations()(model)
     assert result.changes == ["Conv 'p' + Relu 'r1' not fused: conv output also read by 'add3'"]
     assert fused_groups(result.model) == {}
@@ -151,7 +151,7 @@ def test_shared_producer_output_does_not_fuse():
 
 
 def test_graph_output_producer_does_not_fuse():
-    model, feeds = producer_graph("Gemm", [helper.make_node("Relu", ["pre"], ["y"], name="r1")],
+    model, _feeds = producer_graph("Gemm", [helper.make_node("Relu", ["pre"], ["y"], name="r1")],
                                   extra_outputs=["pre"])
     result = FuseActivations()(model)
     assert result.changes == ["Gemm 'p' + Relu 'r1' not fused: gemm output 'pre' is a graph output"]

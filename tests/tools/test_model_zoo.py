@@ -30,7 +30,7 @@ def _inits(model):
 
 
 def test_checker_opset_and_interface(built):
-    name, model, _, _ = built
+    _name, model, _, _ = built
     onnx.checker.check_model(model, full_check=True)
     assert [(o.domain, o.version) for o in model.opset_import] == [("", 13)]
     (inp,) = model.graph.input
@@ -43,7 +43,7 @@ def test_checker_opset_and_interface(built):
 
 
 def test_runs_in_onnxruntime_with_finite_varied_logits(built):
-    name, model, samples, _ = built
+    _name, model, samples, _ = built
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = samples["input"]
     logits = np.concatenate([sess.run(None, {"input": x[i:i + 1]})[0] for i in range(len(x))])
@@ -54,7 +54,7 @@ def test_runs_in_onnxruntime_with_finite_varied_logits(built):
 
 
 def test_activations_sane_and_features_not_dominated(built):
-    name, model, _, acts = built
+    _name, _model, _, acts = built
     for tensor, a in acts.items():
         assert np.isfinite(a).all(), tensor
         assert np.abs(a).max() < 50, (tensor, np.abs(a).max())
@@ -71,7 +71,7 @@ def test_activations_sane_and_features_not_dominated(built):
 
 
 def test_batchnorm_statistics_non_trivial(built):
-    name, model, _, acts = built
+    _name, model, _, acts = built
     inits = _inits(model)
     bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     assert len(bns) >= 5
