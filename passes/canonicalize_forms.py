@@ -50,16 +50,25 @@ EXACT_WIDENING = {
 }
 
 
+def _nodes_with_shapes(model: onnx.ModelProto, op_type: str):
+    """(the graph's ``op_type`` nodes, inferred tensor info, a GraphIndex), or None when the graph
+    has no such node, so that a pass with nothing to do skips the shape inference."""
+    nodes = [n for n in model.graph.node if n.op_type == op_type]
+    if not nodes:
+        return None
+    info, _ = infer_tensor_info(model)
+    return nodes, info, GraphIndex(model.graph)
+
+
 class SimplifyCasts(GraphPass):
     name = "simplify_casts"
 
     def apply(self, model: onnx.ModelProto) -> PassResult:
         graph = model.graph
-        casts = [n for n in graph.node if n.op_type == "Cast"]
-        if not casts:  # (nothing to do: skip the shape inference)
+        found = _nodes_with_shapes(model, "Cast")
+        if found is None:
             return PassResult(model, False, [])
-        info, _ = infer_tensor_info(model)
-        index = GraphIndex(graph)
+        casts, info, index = found
         removed, bypassed = [], []
         for node in casts:
             src = info.get(node.input[0])
@@ -89,11 +98,10 @@ class MatMulAddToGemm(GraphPass):
 
     def apply(self, model: onnx.ModelProto) -> PassResult:
         graph = model.graph
-        matmuls = [n for n in graph.node if n.op_type == "MatMul"]
-        if not matmuls:  # (nothing to do: skip the shape inference)
+        found = _nodes_with_shapes(model, "MatMul")
+        if found is None:
             return PassResult(model, False, [])
-        info, _ = infer_tensor_info(model)
-        index = GraphIndex(graph)
+        matmuls, info, index = found
         taken = all_names(graph)
         fused, skipped, doomed = [], [], []
         for mm in matmuls:
@@ -166,11 +174,10 @@ class PReluSlopePerChannel(GraphPass):
 
     def apply(self, model: onnx.ModelProto) -> PassResult:
         graph = model.graph
-        prelus = [n for n in graph.node if n.op_type == "PRelu"]
-        if not prelus:  # (nothing to do: skip the shape inference)
+        found = _nodes_with_shapes(model, "PRelu")
+        if found is None:
             return PassResult(model, False, [])
-        info, _ = infer_tensor_info(model)
-        index = GraphIndex(graph)
+        prelus, info, index = found
         taken = all_names(graph)
         fixed = []
         for node in prelus:

@@ -803,6 +803,18 @@ def _ids_key(arrays: tuple) -> tuple:
     return tuple((id(a), getattr(a, "shape", None), getattr(a, "dtype", None)) for a in arrays)
 
 
+def _plan_key(layer, x: np.ndarray, zp_x: int, out_info, *extra) -> tuple[tuple, tuple, bool]:
+    """(params, cache key, keep float weights) of a conv/gemm layer's plan: the key changes, and
+    the plan is rebuilt, when a param array is replaced or the input dtype or zero point, the
+    output's dtype or zero point, the rounding, the folded-zero-point attr, the float-weight
+    mode or ``extra`` (the conv's group) changes."""
+    params = tuple(layer.params.get(n) for n in sorted(_CONV_PARAMS))
+    keep_float = KEEP_FLOAT_WEIGHTS.get()
+    key = (_ids_key(params), x.dtype.str, zp_x, out_info.dtype, tensor_zero_point(out_info), layer.rounding,
+           bool(layer.attrs.get("input_zero_point_folded")), keep_float, *extra)
+    return params, key, keep_float
+
+
 
 def _weighted_epilogue(layer, plan, w, zp_w, x_dtype, zp_x: int, in_info, out_info):
     """The fused requantization of a conv/gemm layer: bias (+ the folded input-zero-point term),
@@ -815,6 +827,7 @@ def _weighted_epilogue(layer, plan, w, zp_w, x_dtype, zp_x: int, in_info, out_in
     acc_bound = dtype_bound(x_dtype, zp_x) * plan.row_l1
     return Epilogue.build(bias, m, k, lo, hi, tensor_zero_point(out_info), acc_bound, layer.rounding)
 
+
 def conv(layer, inputs, in_infos, out_infos):
     """y = clamp(zp_y + requant(acc + bias, m[o], k[o]), lo[o], hi[o]) (the reference rule), with
     the fused epilogue applied block by block right after each matmul."""
@@ -825,11 +838,7 @@ def conv(layer, inputs, in_infos, out_infos):
     geo = conv_geometry(layer.attrs, x.shape, w.shape)
     zp_x = tensor_zero_point(in_infos[0])
     out_info = out_infos[0]
-    zp_y = tensor_zero_point(out_info)
-    params = tuple(layer.params.get(n) for n in sorted(_CONV_PARAMS))
-    keep_float = KEEP_FLOAT_WEIGHTS.get()
-    key = (_ids_key(params), x.dtype.str, zp_x, out_info.dtype, zp_y, layer.rounding,
-           bool(layer.attrs.get("input_zero_point_folded")), int(layer.attrs.get("group", 1)), keep_float)
+    params, key, keep_float = _plan_key(layer, x, zp_x, out_info, int(layer.attrs.get("group", 1)))
 
     def build():
         plan = _conv_plan(w, zp_w, x.dtype, zp_x, layer.attrs, keep_float=keep_float)
@@ -940,11 +949,7 @@ def gemm(layer, inputs, in_infos, out_infos):
         return _generic_gemm(layer, inputs, in_infos, out_infos)  # the reference names the error
     zp_x = tensor_zero_point(in_infos[0])
     out_info = out_infos[0]
-    zp_y = tensor_zero_point(out_info)
-    params = tuple(layer.params.get(n) for n in sorted(_CONV_PARAMS))
-    keep_float = KEEP_FLOAT_WEIGHTS.get()
-    key = (_ids_key(params), x.dtype.str, zp_x, out_info.dtype, zp_y, layer.rounding,
-           bool(layer.attrs.get("input_zero_point_folded")), keep_float)
+    params, key, keep_float = _plan_key(layer, x, zp_x, out_info)
 
     def build():
         plan = _gemm_plan(w, zp_w, x.dtype, zp_x, keep_float=keep_float)
