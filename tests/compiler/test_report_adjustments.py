@@ -7,17 +7,10 @@ from __future__ import annotations
 import re
 
 import numpy as np
-import onnx
 from onnx import helper, numpy_helper
+from scale_cases import F, add_of_inputs_2_pow_12_apart, model_from
 
 from compiler.api import compile_model
-
-F = onnx.TensorProto.FLOAT
-
-
-def _model(nodes, inputs, outputs, inits=()):
-    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
 def _section(text: str) -> list[str]:
@@ -30,13 +23,7 @@ def _section(text: str) -> list[str]:
 
 def test_dropped_add_input_is_in_the_report_text():
     # inputs 2^12 apart: on mmav2's 8-bit multiplier the narrow input's m rounds to 0
-    model = _model([helper.make_node("Add", ["a", "b"], ["y"], name="add")],
-                   [helper.make_tensor_value_info("a", F, [1, 4, 8]), helper.make_tensor_value_info("b", F, [1, 4, 8])],
-                   [helper.make_tensor_value_info("y", F, [1, 4, 8])])
-    rng = np.random.default_rng(0)
-    calib = {"a": rng.uniform(-1, 1, (8, 4, 8)).astype(np.float32),
-             "b": rng.uniform(-2.0**-12, 2.0**-12, (8, 4, 8)).astype(np.float32)}
-    calib["a"][0, 0, 0], calib["b"][0, 0, 0] = 1.0, 2.0**-12
+    model, calib = add_of_inputs_2_pow_12_apart()
     result = compile_model(model, "mmav2", calib)
     layer = next(la for la in result.program.layers if la.name == "add")
     assert int(layer.params["multiplier"][1]) == 0  # the input really is dropped in the IR
@@ -56,7 +43,7 @@ def test_dead_conv_channel_is_in_the_report_text():
     w[2] = rng.uniform(-1e-25, 1e-25, (3, 3, 3)).astype(np.float32)  # pruned channel
     b = np.array([0.1, -0.2, 0.0, 0.05], np.float32)
     node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1], kernel_shape=[3, 3])
-    model = _model([node], [helper.make_tensor_value_info("x", F, [1, 3, 6, 6])],
+    model = model_from([node], [helper.make_tensor_value_info("x", F, [1, 3, 6, 6])],
                    [helper.make_tensor_value_info("y", F, [1, 4, 6, 6])],
                    [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
     calib = {"x": rng.uniform(-1, 1, (8, 3, 6, 6)).astype(np.float32)}

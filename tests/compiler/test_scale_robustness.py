@@ -15,17 +15,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
+from scale_cases import F, add_of_inputs_2_pow_12_apart, model_from
 
 from compiler.api import compile_model
 from compiler.onnx_runner import make_session
 from compiler.verify import check_layers
-
-F = onnx.TensorProto.FLOAT
-
-
-def _model(nodes, inputs, outputs, inits=()):
-    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
 def _qdq_scales_ok(model: onnx.ModelProto) -> None:
@@ -45,13 +39,7 @@ def _float_run(model, feeds):
 @pytest.mark.parametrize("target,options", [("mmav2", {}), ("mmav2", {"multiplier_bits": 16}),
                                             ("mmav1", {})])
 def test_add_of_inputs_2_pow_12_apart_drops_the_narrow_one(target, options):
-    model = _model([helper.make_node("Add", ["a", "b"], ["y"], name="add")],
-                   [helper.make_tensor_value_info("a", F, [1, 4, 8]), helper.make_tensor_value_info("b", F, [1, 4, 8])],
-                   [helper.make_tensor_value_info("y", F, [1, 4, 8])])
-    rng = np.random.default_rng(0)
-    calib = {"a": rng.uniform(-1, 1, (8, 4, 8)).astype(np.float32),
-             "b": rng.uniform(-2.0**-12, 2.0**-12, (8, 4, 8)).astype(np.float32)}
-    calib["a"][0, 0, 0], calib["b"][0, 0, 0] = 1.0, 2.0**-12  # ranges exactly 2^12 apart
+    model, calib = add_of_inputs_2_pow_12_apart()
     result = compile_model(model, target, calib, **options)
     _qdq_scales_ok(result.qdq_model)
     layer = next(la for la in result.program.layers if la.name == "add")
@@ -91,7 +79,7 @@ def _conv_with_dead_channel(bias_dead: float):
     w[2] = rng.uniform(-1e-25, 1e-25, (3, 3, 3)).astype(np.float32)  # a pruned, near-dead channel
     b = np.array([0.1, -0.2, bias_dead, 0.05], np.float32)
     node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1], kernel_shape=[3, 3])
-    model = _model([node], [helper.make_tensor_value_info("x", F, [1, 3, 6, 6])],
+    model = model_from([node], [helper.make_tensor_value_info("x", F, [1, 3, 6, 6])],
                    [helper.make_tensor_value_info("y", F, [1, 4, 6, 6])],
                    [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
     calib = {"x": rng.uniform(-1, 1, (8, 3, 6, 6)).astype(np.float32)}
@@ -140,7 +128,7 @@ def test_near_dead_conv_channel_raises_its_weight_scale(target, options, bits, b
 def test_check_layers_covers_every_output_of_multi_output_float_layers():
     nodes = [helper.make_node("Split", ["x", "sizes"], ["s0", "s1"], name="split", axis=2),
              helper.make_node("TopK", ["s1", "kk"], ["vals", "idx"], name="topk", axis=-1)]
-    model = _model(nodes, [helper.make_tensor_value_info("x", F, [1, 2, 8, 5])],
+    model = model_from(nodes, [helper.make_tensor_value_info("x", F, [1, 2, 8, 5])],
                    [helper.make_tensor_value_info("s0", F, [1, 2, 4, 5]), helper.make_tensor_value_info("vals", F, [1, 2, 4, 3]),
                     helper.make_tensor_value_info("idx", onnx.TensorProto.INT64, [1, 2, 4, 3])],
                    [numpy_helper.from_array(np.array([3], np.int64), "kk"),
