@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--low-memory", action="store_true",
                    help="keep no float32 copies of conv/gemm weights between batches (less memory, a little slower)")
+    r.add_argument("--profile", nargs="?", type=int, const=20, metavar="TOP",
+                   help="print where the time went: per layer kind, and the TOP slowest layers (default 20; 0: all)")
 
     i = sub.add_parser("inspect", help="print the layers of a .qir or the nodes of an .onnx")
     i.add_argument("file")
@@ -161,6 +163,7 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
 
 def _cmd_run(args) -> int:
     from runtime import load_program
+    from runtime.profile import Profile
 
     program = load_program(args.program)
     data = _load_npz(args.input)
@@ -180,11 +183,17 @@ def _cmd_run(args) -> int:
         raise CompileError(f"--output '{out}': folder '{out.parent}' does not exist")
     if out.is_dir():
         raise CompileError(f"--output '{out}' is a folder; give the .npz file to write")
+    if args.profile is not None and args.profile < 0:
+        raise CompileError(f"--profile {args.profile}: give the number of layers to list (0: all)")
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in program.outputs}
+    profile = Profile(program) if args.profile is not None else None
     for start in range(0, n, max(1, args.batch_size)):
         feeds = {k: np.ascontiguousarray(data[k][start:start + args.batch_size]) for k in program.inputs}
-        for name, value in program.run(feeds, raw=args.raw, keep_float_weights=not args.low_memory).items():
+        stats = {}
+        for name, value in program.run(feeds, raw=args.raw, keep_float_weights=not args.low_memory, stats=stats).items():
             outputs[name].append(value)
+        if profile is not None:
+            profile.add(stats, len(next(iter(feeds.values()))))
     stacked = {k: np.concatenate(v) for k, v in outputs.items()}
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".npz.tmp")
     os.close(fd)
@@ -196,6 +205,8 @@ def _cmd_run(args) -> int:
         if os.path.exists(tmp):
             os.unlink(tmp)
     print(f"ran {n} samples; wrote {', '.join(f'{k} {v.dtype}{list(v.shape)}' for k, v in stacked.items())} to {out}")
+    if profile is not None:
+        print(profile.table(top=args.profile or None))
     return 0
 
 

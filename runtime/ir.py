@@ -85,13 +85,16 @@ class Program:
                 return layer
         raise KeyError(name)
 
-    def run(self, feeds: dict, raw: bool = False, kernels: str = "fast", keep_float_weights: bool = True) -> dict:
+    def run(self, feeds: dict, raw: bool = False, kernels: str = "fast", keep_float_weights: bool = True,
+            stats: dict | None = None) -> dict:
         """Run on float feeds (quantized at the ports); ``raw`` returns the outputs' integers
         instead of dequantizing them; ``keep_float_weights=False`` trades a little speed for
-        memory (runtime.execute). For integer feeds and traces, use runtime.execute."""
+        memory; ``stats`` receives peak memory and per-layer seconds (runtime.execute). For
+        integer feeds and traces, use runtime.execute."""
         from .executor import execute
 
-        return execute(self, feeds, raw_outputs=raw, kernels=kernels, keep_float_weights=keep_float_weights)
+        return execute(self, feeds, raw_outputs=raw, kernels=kernels, keep_float_weights=keep_float_weights,
+                       stats=stats)
 
     def save(self, path) -> None:
         """Write the program to a .qir file (runtime.save_program)."""

@@ -299,6 +299,32 @@ def test_run_stacks_every_sample_like_the_runtime(zoo, compiled, tmp_path, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["y.npz"]
 
 
+def test_run_profile_lists_every_layer_after_the_first_batch(zoo, compiled, tmp_path, capsys):
+    out = tmp_path / "y.npz"
+    argv = ["run", str(compiled["qir"]), "--input", str(zoo["eval"]), "--output", str(out), "--batch-size", "2"]
+    rc = main(argv + ["--profile", "0"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    lines = captured.out.splitlines()
+    # 5 samples in batches of 2, 2 and 1: the profile covers the last two batches (3 samples)
+    assert lines[1].startswith("profile: 3 samples in 2 batch(es) (after the first")
+    program = load_program(compiled["qir"])
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["layer", "kind"])
+    assert sorted(line.split()[0] for line in lines[header + 1:]) == sorted(layer.name for layer in program.layers)
+    with np.load(out) as y:  # the outputs are written as without --profile
+        expected = program.run(_feeds(zoo["eval_data"]))
+        for name, value in expected.items():
+            np.testing.assert_array_equal(y[name], value)
+
+
+def test_run_profile_rejects_a_negative_count(zoo, compiled, tmp_path, capsys):
+    out = tmp_path / "y.npz"
+    rc = main(["run", str(compiled["qir"]), "--input", str(zoo["eval"]), "--output", str(out), "--profile=-1"])
+    captured = capsys.readouterr()
+    _assert_user_error(rc, captured.out, captured.err, "--profile -1")
+    assert not out.exists()
+
+
 def test_run_takes_any_single_key_for_a_one_input_model(zoo, compiled, tmp_path, capsys):
     x = tmp_path / "x.npz"
     np.savez(x, whatever=zoo["eval_data"]["input"])
