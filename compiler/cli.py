@@ -84,8 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--low-memory", action="store_true",
                    help="keep no float32 copies of conv/gemm weights between batches (less memory, a little slower)")
-    r.add_argument("--profile", nargs="?", type=int, const=20, metavar="TOP",
-                   help="print where the time went: per layer kind, and the TOP slowest layers (default 20; 0: all)")
+    r.add_argument("--profile", action="store_true",
+                   help="print where the time went: per layer kind, and the slowest layers (see --profile-top)")
+    r.add_argument("--profile-top", type=int, default=20, metavar="N", help="layers listed by --profile (0: all)")
 
     i = sub.add_parser("inspect", help="print the layers of a .qir or the nodes of an .onnx")
     i.add_argument("file")
@@ -183,10 +184,10 @@ def _cmd_run(args) -> int:
         raise CompileError(f"--output '{out}': folder '{out.parent}' does not exist")
     if out.is_dir():
         raise CompileError(f"--output '{out}' is a folder; give the .npz file to write")
-    if args.profile is not None and args.profile < 0:
-        raise CompileError(f"--profile {args.profile}: give the number of layers to list (0: all)")
+    if args.profile_top < 0:
+        raise CompileError(f"--profile-top {args.profile_top}: give the number of layers to list (0: all)")
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in program.outputs}
-    profile = Profile(program) if args.profile is not None else None
+    profile = Profile(program) if args.profile else None
     for start in range(0, n, max(1, args.batch_size)):
         feeds = {k: np.ascontiguousarray(data[k][start:start + args.batch_size]) for k in program.inputs}
         stats = {}
@@ -206,7 +207,7 @@ def _cmd_run(args) -> int:
             os.unlink(tmp)
     print(f"ran {n} samples; wrote {', '.join(f'{k} {v.dtype}{list(v.shape)}' for k, v in stacked.items())} to {out}")
     if profile is not None:
-        print(profile.table(top=args.profile or None))
+        print(profile.table(top=args.profile_top or None))
     return 0
 
 

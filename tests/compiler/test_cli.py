@@ -302,7 +302,7 @@ def test_run_stacks_every_sample_like_the_runtime(zoo, compiled, tmp_path, capsy
 def test_run_profile_lists_every_layer_after_the_first_batch(zoo, compiled, tmp_path, capsys):
     out = tmp_path / "y.npz"
     argv = ["run", str(compiled["qir"]), "--input", str(zoo["eval"]), "--output", str(out), "--batch-size", "2"]
-    rc = main(argv + ["--profile", "0"])
+    rc = main(argv + ["--profile", "--profile-top", "0"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     lines = captured.out.splitlines()
@@ -319,9 +319,10 @@ def test_run_profile_lists_every_layer_after_the_first_batch(zoo, compiled, tmp_
 
 def test_run_profile_rejects_a_negative_count(zoo, compiled, tmp_path, capsys):
     out = tmp_path / "y.npz"
-    rc = main(["run", str(compiled["qir"]), "--input", str(zoo["eval"]), "--output", str(out), "--profile=-1"])
+    rc = main(["run", str(compiled["qir"]), "--input", str(zoo["eval"]), "--output", str(out), "--profile",
+               "--profile-top=-1"])
     captured = capsys.readouterr()
-    _assert_user_error(rc, captured.out, captured.err, "--profile -1")
+    _assert_user_error(rc, captured.out, captured.err, "--profile-top -1")
     assert not out.exists()
 
 
