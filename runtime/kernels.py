@@ -47,9 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,12 +78,6 @@ MIN_FLOAT32_CHUNK = 64  # shorter reduction chunks than this: float64 in one pie
 PITCHED_IM2COL_WASTE = 16  # im2col keeps whole tap runs when the dropped columns are <= 1/16 of W_out
 STACK_COLUMNS = 512  # convs with fewer output pixels per image stack images into one matmul
 SAFE_INT64 = 2.0**61  # static bound under which the fused epilogue cannot leave int64 (float64 margin)
-THREADS = max(1, int(os.environ.get("QLOWER_THREADS", "1")))
-"""Threads for the elementwise work (epilogues, depthwise taps, im2col, add); numpy releases the
-GIL inside its loops. Default 1 (QLOWER_THREADS=N for more): OpenBLAS's own threads keep spinning
-for a while after each matmul, and measured on a loaded 2-core machine extra threads of ours only
-competed with them (BLAS threads are set by OPENBLAS_NUM_THREADS)."""
-PARALLEL_MIN_ELEMENTS = 2**17  # below this, one thread
 FUSE_DEPTHWISE = True  # depthwise convs with the multiplier folded into the taps (_DepthwiseFused)
 KEEP_FLOAT_WEIGHTS = contextvars.ContextVar("keep_float_weights", default=True)
 """Whether a layer's plan keeps its dense weights as float copies (4 bytes per int8 weight) after
@@ -119,35 +110,6 @@ def _long_rows(row_length: int):
         np.setbufsize(saved)
 
 
-_pool: ThreadPoolExecutor | None = None
-_worker = threading.local()
-
-
-def parallel_for(fn, n: int, elements: int) -> None:
-    """fn(start, stop) over [0, n) in up to THREADS contiguous ranges, one per thread (this one
-    included). Serial for small work (``elements`` in all) and inside a worker (no nesting)."""
-    global _pool
-    parts = min(THREADS, n)
-    if parts <= 1 or elements < PARALLEL_MIN_ELEMENTS or getattr(_worker, "busy", False):
-        fn(0, n)
-        return
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=THREADS - 1, thread_name_prefix="qlower")
-    bounds = [n * i // parts for i in range(parts + 1)]
-
-    def run(a, b):
-        _worker.busy = True
-        try:
-            fn(a, b)
-        finally:
-            _worker.busy = False
-
-    futures = [_pool.submit(run, bounds[i], bounds[i + 1]) for i in range(1, parts)]
-    try:
-        run(bounds[0], bounds[1])
-    finally:
-        for f in futures:
-            f.result()
 
 _CONV_ATTRS = {"kernel_shape", "strides", "pads", "dilations", "group", "input_zero_point_folded"}
 _CONV_PARAMS = {"weight", "weight_zero_point", "bias", "multiplier", "shift", "clamp_lo", "clamp_hi"}
@@ -385,23 +347,16 @@ class Epilogue:
         (used in place when its dtype is the work dtype)."""
         rows = parts[0].shape[0]
         per_row = max(1, int(np.prod(parts[0].shape[1:], dtype=np.int64)))
-        step = max(1, BLOCK_ELEMENTS // per_row)
-        blocks = -(-rows // step)
-        parallel_for(lambda a, b: self._apply_rows(parts, dest, o0, scratch, a * step, min(rows, b * step), step),
-                     blocks, rows * per_row)
-
-    def _apply_rows(self, parts, dest, o0: int, scratch: bool, first: int, last: int, step: int) -> None:
-        """apply() on rows first..last, in blocks of ``step`` rows."""
-        ndim = parts[0].ndim
-        per_row = max(1, int(np.prod(parts[0].shape[1:], dtype=np.int64)))
-        narrow = parts[0].shape[-1] != dest.shape[-1]  # parts wider than dest: extra columns dropped
         with _long_rows(per_row):
-            self._apply_blocks(parts, dest, o0, scratch, first, last, step, ndim, per_row, narrow)
+            self._apply_blocks(parts, dest, o0, scratch, rows, max(1, BLOCK_ELEMENTS // per_row), per_row)
 
-    def _apply_blocks(self, parts, dest, o0, scratch, first, last, step, ndim, per_row, narrow) -> None:
+    def _apply_blocks(self, parts, dest, o0: int, scratch: bool, rows: int, step: int, per_row: int) -> None:
+        """apply() in blocks of ``step`` rows (``per_row`` elements each)."""
+        ndim = parts[0].ndim
+        narrow = parts[0].shape[-1] != dest.shape[-1]  # parts wider than dest: extra columns dropped
         bufs = {}
-        for r0 in range(first, last, step):
-            r1 = min(last, r0 + step)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
             block = [p[r0:r1] for p in parts]
             wt = np.dtype(np.int32) if self._fits32(block, o0 + r0, o0 + r1) else np.dtype(np.int64)
             m, c, k, lo, hi = (v if v.ndim == 0 else v[o0 + r0:o0 + r1] for v in self._consts(ndim, wt))
@@ -409,7 +364,7 @@ class Epilogue:
                 t = block[0]
             else:
                 if wt not in bufs:
-                    bufs[wt] = np.empty(min(last - first, step) * per_row, dtype=wt)
+                    bufs[wt] = np.empty(min(rows, step) * per_row, dtype=wt)
                 t = bufs[wt][: (r1 - r0) * per_row].reshape(block[0].shape)
                 np.copyto(t, block[0], casting="unsafe")
                 if len(block) > 1:
@@ -617,15 +572,11 @@ def _run_conv(x, plan: _ConvPlan, geo: dict, zp_x: int, emit, emit_dw) -> None:
             r1 = min(ho, r0 + row_step)
             for gi in range(g):
                 im = np.empty((cg, len(runs), nb, r1 - r0, cols), dtype=ct)
-
-                def fill(c0, c1, im=im, gi=gi, r0=r0, r1=r1, b0=b0, b1=b1):
-                    src = flat[b0:b1, gi * cg + c0:gi * cg + c1].transpose(1, 0, 2, 3)  # [c, images, phase, run]
-                    for t, (p, start) in enumerate(runs):
-                        s0 = start + r0 * width
-                        run = src[:, :, p, s0:s0 + (r1 - r0) * width]
-                        im[c0:c1, t] = run.reshape(c1 - c0, b1 - b0, r1 - r0, width)[..., :cols]
-
-                parallel_for(fill, cg, im.size)
+                src = flat[b0:b1, gi * cg:(gi + 1) * cg].transpose(1, 0, 2, 3)  # [c, images, phase, run]
+                for t, (p, start) in enumerate(runs):
+                    s0 = start + r0 * width
+                    run = src[:, :, p, s0:s0 + (r1 - r0) * width]
+                    im[:, t] = run.reshape(cg, nb, r1 - r0, width)[..., :cols]
                 mat = im.reshape(k_total, nb * (r1 - r0) * cols)
                 parts = [np.matmul(wm, mat[a:bb]).reshape(og, nb, r1 - r0, cols)
                          for wm, (a, bb) in zip(weights[gi], plan.chunks)]
@@ -682,7 +633,7 @@ def _run_depthwise(x: np.ndarray, zp_x: int, plan: _ConvPlan, geo: dict, strides
     next row). Channel blocks stay in cache; first tap written, the rest added. ``weights``
     ([g, og, kh, kw] in the compute dtype) replaces the plan's (the fused path's w * m)."""
     n, g = x.shape[:2]
-    ho, (kh, kw) = geo["out"][0], geo["kernel"]
+    ho, kw = geo["out"][0], geo["kernel"][1]
     wt = plan.wmats[0][0] if weights is None else weights  # [g, og, kh, kw]
     og, ct = wt.shape[1], plan.ct
     span = ho * (geo["out"][1] + ((kw - 1) * geo["dilations"][1]) // strides[1])  # = ho * width
@@ -692,31 +643,22 @@ def _run_depthwise(x: np.ndarray, zp_x: int, plan: _ConvPlan, geo: dict, strides
     flat, tap_runs, width = _tap_runs(x, zp_x, geo, strides, ct)
     runs = [(t // kw, t % kw, p, start) for t, (p, start) in enumerate(tap_runs)]
     gb = max(1, min(g, BLOCK_ELEMENTS // max(1, og * span)))
-    blocks = -(-g // gb)
-
-    def run(first: int, last: int) -> None:  # work items = (image, channel block)
-        with _long_rows(span):
-            run_items(first, last)
-
-    def run_items(first: int, last: int) -> None:
-        acc = np.empty((gb, og, span), dtype=ct)
-        tmp = np.empty((gb, og, span), dtype=ct)
-        for item in range(first, last):
-            b, g0 = divmod(item, blocks)
-            g0 *= gb
-            g1 = min(g, g0 + gb)
-            a, t = acc[: g1 - g0], tmp[: g1 - g0]
-            for index, (i, j, p, start) in enumerate(runs):
-                src = flat[b, g0:g1, None, p, start:start + span]
-                wij = wt[g0:g1, :, i, j, None]
-                if index == 0:
-                    np.multiply(src, wij, out=a)
-                else:
-                    np.multiply(src, wij, out=t)
-                    np.add(a, t, out=a)
-            emit_dw(a.reshape((g1 - g0) * og, ho, width), b, g0 * og, g1 * og)
-
-    parallel_for(run, n * blocks, n * g * og * span * kh * kw)
+    acc = np.empty((gb, og, span), dtype=ct)
+    tmp = np.empty((gb, og, span), dtype=ct)
+    with _long_rows(span):
+        for b in range(n):
+            for g0 in range(0, g, gb):
+                g1 = min(g, g0 + gb)
+                a, t = acc[: g1 - g0], tmp[: g1 - g0]
+                for index, (i, j, p, start) in enumerate(runs):
+                    src = flat[b, g0:g1, None, p, start:start + span]
+                    wij = wt[g0:g1, :, i, j, None]
+                    if index == 0:
+                        np.multiply(src, wij, out=a)
+                    else:
+                        np.multiply(src, wij, out=t)
+                        np.add(a, t, out=a)
+                emit_dw(a.reshape((g1 - g0) * og, ho, width), b, g0 * og, g1 * og)
 
 
 def _run_depthwise_channels_last(x: np.ndarray, zp_x: int, geo: dict, strides, wt: np.ndarray, ct: np.dtype,
@@ -734,30 +676,21 @@ def _run_depthwise_channels_last(x: np.ndarray, zp_x: int, geo: dict, strides, w
     span = ho * width
     w_rows = np.ascontiguousarray(wt[:, 0].reshape(g, kh * kw).T)  # [taps, g]
     gb = max(1, min(g, max(LONG_ROW, BLOCK_ELEMENTS // span)))
-    blocks = -(-g // gb)
-
-    def run(first: int, last: int) -> None:  # work items = (image, channel block)
-        with _long_rows(gb):
-            run_items(first, last)
-
-    def run_items(first: int, last: int) -> None:
-        acc = np.empty((span, gb), dtype=ct)
-        tmp = np.empty((span, gb), dtype=ct)
-        for item in range(first, last):
-            b, g0 = divmod(item, blocks)
-            g0 *= gb
-            g1 = min(g, g0 + gb)
-            a, t = acc[:, : g1 - g0], tmp[:, : g1 - g0]
-            for index, (p, start) in enumerate(tap_runs):
-                src = flat[b, p, start:start + span, g0:g1]
-                if index == 0:
-                    np.multiply(src, w_rows[index, g0:g1], out=a)
-                else:
-                    np.multiply(src, w_rows[index, g0:g1], out=t)
-                    np.add(a, t, out=a)
-            emit_dw(a.reshape(ho, width, g1 - g0).transpose(2, 0, 1), b, g0, g1)
-
-    parallel_for(run, n * blocks, n * g * span * kh * kw)
+    acc = np.empty((span, gb), dtype=ct)
+    tmp = np.empty((span, gb), dtype=ct)
+    with _long_rows(gb):
+        for b in range(n):
+            for g0 in range(0, g, gb):
+                g1 = min(g, g0 + gb)
+                a, t = acc[:, : g1 - g0], tmp[:, : g1 - g0]
+                for index, (p, start) in enumerate(tap_runs):
+                    src = flat[b, p, start:start + span, g0:g1]
+                    if index == 0:
+                        np.multiply(src, w_rows[index, g0:g1], out=a)
+                    else:
+                        np.multiply(src, w_rows[index, g0:g1], out=t)
+                        np.add(a, t, out=a)
+                emit_dw(a.reshape(ho, width, g1 - g0).transpose(2, 0, 1), b, g0, g1)
 
 
 def conv_accumulate(x, w, zp_x, zp_w, attrs: dict, *, force_dtype=None) -> np.ndarray:
@@ -1005,23 +938,20 @@ def add(layer, inputs, in_infos, out_infos):
     step = BLOCK_ELEMENTS
     ma, mb, cc, kk = wt.type(m[0]), wt.type(m[1]), wt.type(c), wt.type(k)
 
-    def run(first: int, last: int) -> None:  # element blocks first..last
-        t = np.empty(min(step, fa.size), dtype=wt)
-        u = np.empty_like(t)
-        for s in range(first * step, min(fa.size, last * step), step):
-            e = min(fa.size, s + step)
-            tt, uu = t[: e - s], u[: e - s]
-            np.copyto(tt, fa[s:e])  # a plain widening copy, then a same-type multiply: faster
-            np.multiply(tt, ma, out=tt)  # than one multiply that casts its input in buffers
-            np.copyto(uu, fb[s:e])
-            np.multiply(uu, mb, out=uu)
-            np.add(tt, uu, out=tt)
-            np.add(tt, cc, out=tt)
-            np.right_shift(tt, kk, out=tt)
-            clip_ufunc(tt, lo0, hi0, out=tt)
-            np.copyto(fy[s:e], tt, casting="unsafe")
-
-    parallel_for(run, -(-fa.size // step), fa.size)
+    t = np.empty(min(step, fa.size), dtype=wt)
+    u = np.empty_like(t)
+    for s in range(0, fa.size, step):  # cache-sized element blocks
+        e = min(fa.size, s + step)
+        tt, uu = t[: e - s], u[: e - s]
+        np.copyto(tt, fa[s:e])  # a plain widening copy, then a same-type multiply: faster
+        np.multiply(tt, ma, out=tt)  # than one multiply that casts its input in buffers
+        np.copyto(uu, fb[s:e])
+        np.multiply(uu, mb, out=uu)
+        np.add(tt, uu, out=tt)
+        np.add(tt, cc, out=tt)
+        np.right_shift(tt, kk, out=tt)
+        clip_ufunc(tt, lo0, hi0, out=tt)
+        np.copyto(fy[s:e], tt, casting="unsafe")
     return [y]
 
 

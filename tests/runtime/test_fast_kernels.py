@@ -364,11 +364,9 @@ def test_depthwise_large_images_in_channel_blocks(monkeypatch):
     assert lay.__dict__["_fast_plan"].ct == np.int32
 
 
-def test_threaded_work_splits_equal_the_oracle(monkeypatch):
-    """With QLOWER_THREADS > 1 the epilogue, depthwise, im2col and add work is split over threads
-    (forced here even for small tensors); the integers do not change."""
-    monkeypatch.setattr(fast, "THREADS", 3)
-    monkeypatch.setattr(fast, "PARALLEL_MIN_ELEMENTS", 1)
+def test_small_blocks_equal_the_oracle(monkeypatch):
+    """With blocks of 64 elements the epilogue, depthwise and add work is cut into many blocks
+    (and the last one short); the integers do not change."""
     monkeypatch.setattr(fast, "BLOCK_ELEMENTS", 64)
     rng = np.random.default_rng(40)
     cases = [((2, 16, 9, 9), (16, 1, 3, 3), {"group": 16, "pads": [1] * 4}),
