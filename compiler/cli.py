@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--output", required=True, help=".npz to write, keyed by output name")
     r.add_argument("--raw", action="store_true", help="write raw integers instead of dequantized floats")
     r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run the batches in N worker processes (one BLAS thread each unless OPENBLAS_NUM_THREADS "
+                        "is set); the outputs are the same")
     r.add_argument("--low-memory", action="store_true",
                    help="keep no float32 copies of conv/gemm weights between batches (less memory, a little slower)")
     r.add_argument("--profile", action="store_true",
@@ -164,6 +167,7 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
 
 def _cmd_run(args) -> int:
     from runtime import load_program
+    from runtime.batches import run_batches, sample_count
     from runtime.profile import Profile
 
     program = load_program(args.program)
@@ -173,10 +177,11 @@ def _cmd_run(args) -> int:
     missing = [n for n in program.inputs if n not in data]
     if missing:
         raise CompileError(f"'{args.input}' lacks input(s) {missing}; it holds {sorted(data)}")
-    counts = {len(v) for v in data.values()}
-    if len(counts) != 1:
-        raise CompileError(f"'{args.input}': inputs have different sample counts {sorted(counts)}")
-    n = counts.pop()
+    data = {k: data[k] for k in program.inputs}
+    try:
+        n = sample_count(data)
+    except ProgramError as exc:
+        raise CompileError(f"'{args.input}': {exc}") from None
     if n == 0:
         raise CompileError(f"'{args.input}' holds no samples (axis 0 has length 0)")
     out = Path(args.output)
@@ -184,18 +189,15 @@ def _cmd_run(args) -> int:
         raise CompileError(f"--output '{out}': folder '{out.parent}' does not exist")
     if out.is_dir():
         raise CompileError(f"--output '{out}' is a folder; give the .npz file to write")
-    if args.profile_top < 0:
-        raise CompileError(f"--profile-top {args.profile_top}: give the number of layers to list (0: all)")
-    outputs: dict[str, list[np.ndarray]] = {name: [] for name in program.outputs}
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--jobs", args.jobs, 1),
+                               ("--profile-top", args.profile_top, 0)):
+        if value < least:
+            raise CompileError(f"{flag} {value}: give a number of at least {least}")
+    if args.profile and args.jobs > 1:
+        raise CompileError("--profile measures one process: drop --jobs")
     profile = Profile(program) if args.profile else None
-    for start in range(0, n, max(1, args.batch_size)):
-        feeds = {k: np.ascontiguousarray(data[k][start:start + args.batch_size]) for k in program.inputs}
-        stats = {}
-        for name, value in program.run(feeds, raw=args.raw, keep_float_weights=not args.low_memory, stats=stats).items():
-            outputs[name].append(value)
-        if profile is not None:
-            profile.add(stats, len(next(iter(feeds.values()))))
-    stacked = {k: np.concatenate(v) for k, v in outputs.items()}
+    stacked = run_batches(program, data, batch_size=args.batch_size, jobs=args.jobs, raw=args.raw,
+                          keep_float_weights=not args.low_memory, on_batch=profile.add if profile else None)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".npz.tmp")
     os.close(fd)
     try:

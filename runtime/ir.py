@@ -67,6 +67,13 @@ class Layer:
     rounding: str | None = None
     source_nodes: list[str] = field(default_factory=list)
 
+    def __getstate__(self) -> dict:
+        """Pickled without the fast kernels' prepared plan (``_fast_plan``: chunks, constants,
+        float weights), which the receiving process rebuilds on its first run."""
+        state = dict(self.__dict__)
+        state.pop("_fast_plan", None)
+        return state
+
 
 @dataclass
 class Program:

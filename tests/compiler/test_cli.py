@@ -272,11 +272,12 @@ def _feeds(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in data.items()}
 
 
-@pytest.mark.parametrize(("raw", "low_memory"), [(False, False), (True, False), (True, True)],
-                         ids=["float", "raw", "raw-low-memory"])
-def test_run_stacks_every_sample_like_the_runtime(zoo, compiled, tmp_path, capsys, raw, low_memory):
+@pytest.mark.parametrize(("raw", "low_memory", "jobs"), [(False, False, 1), (True, False, 1), (True, True, 1), (True, False, 2)],
+                         ids=["float", "raw", "raw-low-memory", "raw-two-processes"])
+def test_run_stacks_every_sample_like_the_runtime(zoo, compiled, tmp_path, capsys, raw, low_memory, jobs):
     out = tmp_path / "y.npz"
-    argv = ["run", str(compiled["qir"]), "--input", str(zoo["eval"]), "--output", str(out), "--batch-size", "2"]
+    argv = ["run", str(compiled["qir"]), "--input", str(zoo["eval"]), "--output", str(out), "--batch-size", "2",
+            "--jobs", str(jobs)]
     rc = main(argv + (["--raw"] if raw else []) + (["--low-memory"] if low_memory else []))
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -376,12 +377,23 @@ def test_run_missing_input_name(two_input_qir, tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("case", ["no_samples", "no_output_folder", "wrong_sample_shape", "not_npz", "not_qir"])
+@pytest.mark.parametrize("case", ["no_samples", "no_output_folder", "wrong_sample_shape", "not_npz", "not_qir",
+                                  "zero_jobs", "zero_batch", "profile_with_jobs", "wrong_shape_in_a_worker"])
 def test_run_bad_input(zoo, compiled, tmp_path, capsys, case):
     x = tmp_path / "x.npz"
     out = tmp_path / "y.npz"
     qir = compiled["qir"]
     expected = []
+    options = {"zero_jobs": ["--jobs", "0"], "zero_batch": ["--batch-size", "0"],
+               "profile_with_jobs": ["--profile", "--jobs", "2"],
+               "wrong_shape_in_a_worker": ["--jobs", "2", "--batch-size", "2"]}.get(case, [])
+    if case in ("zero_jobs", "zero_batch", "profile_with_jobs"):
+        np.savez(x, input=zoo["eval_data"]["input"])
+        expected = {"zero_jobs": ["--jobs 0"], "zero_batch": ["--batch-size 0"],
+                    "profile_with_jobs": ["--profile", "--jobs"]}[case]
+    elif case == "wrong_shape_in_a_worker":
+        np.savez(x, input=np.zeros((4, 3, 8, 8), np.float32))
+        expected = ["'input'", "[2, 3, 8, 8]"]
     if case == "no_samples":
         np.savez(x, input=np.zeros((0, 3, 16, 16), np.float32))
         expected = ["no samples"]
@@ -399,7 +411,7 @@ def test_run_bad_input(zoo, compiled, tmp_path, capsys, case):
         np.savez(x, input=zoo["eval_data"]["input"])
         qir = zoo["path"]
         expected = ["model.onnx", "not a .qir file"]
-    rc = main(["run", str(qir), "--input", str(x), "--output", str(out)])
+    rc = main(["run", str(qir), "--input", str(x), "--output", str(out), *options])
     captured = capsys.readouterr()
     _assert_user_error(rc, captured.out, captured.err, *expected)
     assert not out.exists()
