@@ -4,7 +4,7 @@ One command, one table, every figure from the same run on the same machine:
 
     python -m tools.benchmark [--models resnet50,mobilenetv2,efficientnet_lite0] [--samples 32]
                               [--large-samples 512] [--repeats 5] [--threads N]
-                              [--parts compile,latency,memory] [--quick]
+                              [--parts compile,latency,throughput,memory] [--quick]
 
 Per model (ResNet-50 and MobileNetV2 from ``tools.architectures``; EfficientNet-Lite0 from
 ``../shared/data/efficientnet_lite0.onnx`` with its ``_calib.npz`` when present, else the builder):
@@ -18,6 +18,10 @@ Per model (ResNet-50 and MobileNetV2 from ``tools.architectures``; EfficientNet-
   QDQ model (default session options: all graph optimizations, so the QDQ model runs int8 kernels),
   once with the libraries' default threads and once with 1 thread on every side (BLAS and
   onnxruntime), the comparison that stays meaningful on a busy machine;
+- data-set throughput on all cores, as when measuring accuracy on a validation set: seconds for
+  ``--throughput-samples`` samples in batches of 8 through qlower's runtime in one worker process
+  per core (``runtime.batches.run_batches``, process start-up and plan preparation included) and
+  through onnxruntime's float session with one intra-op thread per core (warmed up);
 - peak RSS (VmHWM) of a qlower compile at N and at ``--large-samples`` samples read from
   memory-mapped ``.npy`` files in a folder, each in a fresh process, and of the IR runtime at
   batch 1 beside what it must hold (integer weights, the executor's largest set of live
@@ -261,6 +265,31 @@ def latency_job(program_path: str, model_path: str, qdq_path: str, samples: np.n
     return out
 
 
+def throughput_job(program_path: str, model_path: str, samples: np.ndarray, input_name: str, jobs: int,
+                   batch: int) -> dict:
+    """Seconds for ``samples`` in batches of ``batch``: qlower's runtime in ``jobs`` worker
+    processes (start-up included), onnxruntime's float session with ``jobs`` intra-op threads
+    (a warm-up batch first; sample by sample when the batch is baked into the model)."""
+    import runtime
+    from runtime.batches import run_batches
+
+    program = runtime.load_program(program_path)
+    start = time.perf_counter()
+    run_batches(program, {input_name: samples}, batch_size=batch, jobs=jobs)
+    qlower = time.perf_counter() - start
+    step = batch
+    try:
+        session = _ort_session(_dynamic_batch(model_path), jobs)
+        session.run(None, {input_name: samples[:batch]}, _quiet_run_options())
+    except Exception:  # noqa: BLE001 - e.g. a batch baked into a Reshape: run per sample
+        session, step = _ort_session(model_path, jobs), 1
+        session.run(None, {input_name: samples[:1]})
+    start = time.perf_counter()
+    for i in range(0, len(samples), step):
+        session.run(None, {input_name: np.ascontiguousarray(samples[i:i + step])})
+    return {"qlower": qlower, "ort": time.perf_counter() - start, "ort_batched": step == batch}
+
+
 def calibration_memory_job(model_path: str, data_path: str, target: str) -> dict:
     """Peak RSS of a whole qlower compile whose calibration data is ``data_path`` (a folder of
     .npy files, or one memory-mapped .npy), beside the RSS after imports."""
@@ -315,13 +344,14 @@ class Options:
     large_samples: int = 512
     repeats: int = 5
     batches: tuple[int, ...] = (1, 8)
+    throughput_samples: int = 128
     threads: int | None = None
     target: str = "mmav2"
     isolate: bool = True
     methods: tuple = METHODS
     ort_preprocess: bool = True
     latency_threads: tuple = (None, 1)  # None: the environment's / libraries' default
-    parts: tuple = ("compile", "latency", "memory")
+    parts: tuple = ("compile", "latency", "throughput", "memory")
 
 
 def prepare_model(name: str, work: Path, n: int) -> tuple[Path, Path, str, str]:
@@ -429,6 +459,16 @@ def benchmark_model(name: str, opts: Options, work: Path, log=print) -> list[Row
             rows.append(Row(name, f"latency batch {batch}, {how}, vs ORT QDQ (ms/sample)", _fmt(ql, 1), _fmt(qd, 1),
                             _fmt(ql / qd)))
 
+    if "throughput" in opts.parts:
+        cores, batch = os.cpu_count() or 1, max(opts.batches)
+        data = np.concatenate([samples] * -(-opts.throughput_samples // len(samples)))[:opts.throughput_samples]
+        t = _run(opts.isolate, throughput_job, str(program_path), str(model_path), data, input_name, cores, batch)
+        note = "" if t["ort_batched"] else ", ORT sample by sample"
+        log(f"[{name}] {len(data)} samples on {cores} cores: qlower {t['qlower']:.2f} s, ORT float {t['ort']:.2f} s")
+        rows.append(Row(name, f"{len(data)} samples, batch {batch}, {cores} cores: {cores} processes (with start-up) "
+                              f"vs ORT float {cores} threads (s){note}",
+                        _fmt(t["qlower"]), _fmt(t["ort"]), _fmt(t["qlower"] / t["ort"])))
+
     if "memory" in opts.parts:
         peaks = {}
         for n in (opts.samples, opts.large_samples):
@@ -506,13 +546,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-samples", type=int, default=512, help="N for the memory comparison (default 512)")
     parser.add_argument("--repeats", type=int, default=5, help="latency repeats, best taken (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="BLAS / onnxruntime threads (default: all)")
-    parser.add_argument("--parts", default="compile,latency,memory",
+    parser.add_argument("--throughput-samples", type=int, default=128,
+                        help="data-set size for the all-cores throughput rows (default 128)")
+    parser.add_argument("--parts", default="compile,latency,throughput,memory",
                         help="what to measure (default: %(default)s; latency needs a MinMax compile, always run)")
     parser.add_argument("--quick", action="store_true",
                         help="MobileNetV2 only unless --models, 8 samples, 64 for memory, 2 repeats")
     args = parser.parse_args(argv)
     opts = Options(samples=args.samples, large_samples=args.large_samples, repeats=args.repeats, threads=args.threads,
-                   parts=tuple(p for p in args.parts.split(",") if p))
+                   throughput_samples=args.throughput_samples, parts=tuple(p for p in args.parts.split(",") if p))
     if args.threads:
         opts.latency_threads = (args.threads,)
     models = [m for m in args.models.split(",") if m]
@@ -520,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         if "--models" not in " ".join(argv if argv is not None else sys.argv):
             models = ["mobilenetv2"]
         opts.samples, opts.large_samples, opts.repeats = min(opts.samples, 8), min(opts.large_samples, 64), 2
+        opts.throughput_samples = min(opts.throughput_samples, 32)
     if args.threads:
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(args.threads)  # inherited by the spawned children

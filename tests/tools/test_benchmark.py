@@ -2,6 +2,7 @@
 table is there and holds numbers (no timing asserts: the figures belong to tools/benchmark.py)."""
 from __future__ import annotations
 
+import os
 import re
 
 from tools import benchmark
@@ -10,7 +11,7 @@ from tools import benchmark
 def test_benchmark_rows_on_a_tiny_model(tmp_path):
     # MinMax only (the Percentile rows come from the same code with the other method); no
     # quant_pre_process, whose symbolic shape inference imports torch when it is installed
-    opts = benchmark.Options(samples=2, large_samples=4, repeats=1, batches=(1, 2), isolate=False,
+    opts = benchmark.Options(samples=2, large_samples=4, repeats=1, batches=(1, 2), isolate=False, throughput_samples=8,
                              methods=benchmark.METHODS[:1], ort_preprocess=False, latency_threads=(None,))
     lines = []
     rows = benchmark.benchmark_model("resnet_tiny", opts, tmp_path, log=lines.append)
@@ -24,7 +25,12 @@ def test_benchmark_rows_on_a_tiny_model(tmp_path):
         "latency batch 2, default threads, vs ORT QDQ (ms/sample)",
     ]
     assert measures[:len(expected)] == expected
-    assert measures[len(expected)].startswith("compile peak RSS N=2 / N=4 (MB;")
+    throughput = rows[len(expected)]
+    cores = os.cpu_count()
+    assert throughput.measure == (f"8 samples, batch 2, {cores} cores: {cores} processes (with start-up) "
+                                  f"vs ORT float {cores} threads (s)")
+    assert all(number.match(v) for v in (throughput.qlower, throughput.onnxruntime, throughput.ratio))
+    assert measures[len(expected) + 1].startswith("compile peak RSS N=2 / N=4 (MB;")
     assert measures[-2:] == [f"runtime peak RSS batch 1, keep_float_weights={keep}, above imports (MB)"
                              for keep in (True, False)]
     assert all(number.match(r.qlower) and number.match(r.onnxruntime) for r in rows[-2:])
