@@ -68,7 +68,8 @@ def run_batches(program: Program, data: dict[str, np.ndarray], *, batch_size: in
                 raw: bool = False, keep_float_weights: bool = True, on_batch=None) -> dict[str, np.ndarray]:
     """Run ``program`` on every sample of ``data`` ({input name: array, samples on axis 0}) in
     batches of ``batch_size``; returns {output name: all samples stacked}. ``jobs`` > 1 runs the
-    batches in that many worker processes. ``on_batch(stats, samples)`` (one process only)
+    batches in that many spawned worker processes (a script that calls this at top level needs
+    the usual ``if __name__ == "__main__":`` guard). ``on_batch(stats, samples)`` (one process only)
     receives each batch's ``execute`` stats, as ``runtime.profile.Profile.add`` takes them."""
     if batch_size < 1 or jobs < 1:
         raise ProgramError(f"batch size and jobs must be at least 1, got {batch_size} and {jobs}")
