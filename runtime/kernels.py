@@ -110,7 +110,6 @@ def _long_rows(row_length: int):
         np.setbufsize(saved)
 
 
-
 _CONV_ATTRS = {"kernel_shape", "strides", "pads", "dilations", "group", "input_zero_point_folded"}
 _CONV_PARAMS = {"weight", "weight_zero_point", "bias", "multiplier", "shift", "clamp_lo", "clamp_hi"}
 

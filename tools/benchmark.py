@@ -125,12 +125,31 @@ def _ort_session(model, threads: int | None):
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
 
-def _quiet_run_options():
+def _dynamic_session(model_path: str, threads: int | None):
+    """A session on the model with a symbolic batch dimension, or None when onnxruntime will not
+    build one (then batches run sample by sample)."""
+    try:
+        return _ort_session(_dynamic_batch(model_path), threads)
+    except Exception as exc:  # noqa: BLE001 - e.g. a batch baked into a Reshape
+        print(f"{model_path}: no symbolic-batch session ({type(exc).__name__}); batches run sample by sample",
+              file=sys.stderr)
+        return None
+
+
+def _runs_batch(session, input_name: str, x: np.ndarray) -> bool:
+    """Whether ``session`` takes ``x`` as one batch. A probe: failing is expected for models whose
+    batch is baked in, so onnxruntime runs it with its logging at fatal."""
+    if session is None:
+        return False
     import onnxruntime as ort
 
     options = ort.RunOptions()
-    options.log_severity_level = 4  # fatal only
-    return options
+    options.log_severity_level = 4
+    try:
+        session.run(None, {input_name: x}, options)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
 
 
 # --------------------------------------------------------------------------- jobs (child side)
@@ -235,25 +254,13 @@ def latency_job(program_path: str, model_path: str, qdq_path: str, samples: np.n
 
     program = runtime.load_program(program_path)
     out: dict = {"qlower": {}, "ort_float": {}, "ort_qdq": {}, "ort_batched": {}}
-    sessions = {}
-    for key, path in (("ort_float", model_path), ("ort_qdq", qdq_path)):
-        sessions[key] = (_ort_session(path, threads), None)
-        try:
-            sessions[key] = (sessions[key][0], _ort_session(_dynamic_batch(path), threads))
-        except Exception as exc:  # noqa: BLE001 - e.g. a batch baked into a Reshape: run per sample
-            print(f"{key}: no symbolic-batch session ({type(exc).__name__}); batches run sample by sample",
-                  file=sys.stderr)
+    sessions = {key: (_ort_session(path, threads), _dynamic_session(path, threads))
+                for key, path in (("ort_float", model_path), ("ort_qdq", qdq_path))}
     for batch in batches:
         x = np.ascontiguousarray(samples[:batch])
         out["qlower"][batch] = _best_per_sample(lambda x=x: program.run({input_name: x}), batch, repeats)
         for key, (static, dynamic) in sessions.items():
-            batched = False
-            if dynamic is not None and batch > 1:
-                try:  # a probe: its failure is expected for some models, so onnxruntime logs nothing
-                    dynamic.run(None, {input_name: x}, _quiet_run_options())
-                    batched = True
-                except Exception:  # noqa: BLE001
-                    batched = False
+            batched = batch > 1 and _runs_batch(dynamic, input_name, x)
             if batch == 1 or batched:
                 def fn(s=static if batch == 1 else dynamic, x=x):
                     return s.run(None, {input_name: x})
@@ -277,11 +284,8 @@ def throughput_job(program_path: str, model_path: str, samples: np.ndarray, inpu
     start = time.perf_counter()
     run_batches(program, {input_name: samples}, batch_size=batch, jobs=jobs)
     qlower = time.perf_counter() - start
-    step = batch
-    try:
-        session = _ort_session(_dynamic_batch(model_path), jobs)
-        session.run(None, {input_name: samples[:batch]}, _quiet_run_options())
-    except Exception:  # noqa: BLE001 - e.g. a batch baked into a Reshape: run per sample
+    session, step = _dynamic_session(model_path, jobs), batch
+    if not _runs_batch(session, input_name, np.ascontiguousarray(samples[:batch])):  # also the warm-up
         session, step = _ort_session(model_path, jobs), 1
         session.run(None, {input_name: samples[:1]})
     start = time.perf_counter()
